@@ -1,0 +1,42 @@
+"""lowrank_opt: LoRA fine-tuning that behaves like full fine-tuning with the optimizer you use.
+
+Wrap an already-built optimizer around the LoRA pairs of a model::
+
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = lowrank_opt.LowRankWrapper(base, model)   # LoFT-AdamW, found from the optimizer's class
+
+See ``docs/`` for the mathematics of each rule.
+"""
+
+from .linalg import compute_dtype
+from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
+from .registry import ENTRY_POINT_GROUP, available_rules, resolve_rule, rule_for
+from .rule import CalibrationRule, StateKind, Switches, calibrate_state, state_dtype
+from .schedule import Schedule
+from .views import FactorView, build_view
+from .wrapper import STATE_VERSION, LowRankWrapper
+
+__all__ = [
+    "CalibrationRule",
+    "ENTRY_POINT_GROUP",
+    "FactorView",
+    "HasLoRAPairs",
+    "LoRALinear",
+    "LoRAPair",
+    "LowRankWrapper",
+    "STATE_VERSION",
+    "Schedule",
+    "StateKind",
+    "Switches",
+    "available_rules",
+    "build_view",
+    "calibrate_state",
+    "compute_dtype",
+    "find_lora_pairs",
+    "inject_lora",
+    "resolve_rule",
+    "rule_for",
+    "state_dtype",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""Small dense linear algebra shared by every rule (MATH.md sections 2, 3 and 6).
+
+Shape symbols used throughout the package:
+
+* ``m, n``: the full weight ``W0 + s * B @ A`` is ``(m, n)``; ``B`` is ``(m, r)``, ``A`` is ``(r, n)``.
+* ``r``: the LoRA rank.
+* ``k, l``: rows and columns of the canonical full space of one factor
+  (``k = m, l = n`` when ``A`` moves, ``k = n, l = m`` when ``B`` moves).
+* ``P = r (r + 1) / 2``: length of a packed symmetric ``r x r`` block.
+
+Every ``r x r`` computation runs in :func:`compute_dtype` (float32, or float64 for
+float64 factors) and every inverse is a damped Cholesky solve, never ``inv``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "damped_cholesky",
+    "cholesky_solve",
+    "transport",
+    "triu_indices",
+    "pack_outer",
+    "unpack_blocks",
+    "pack_blocks",
+    "congruence_packed",
+    "quadratic_form_rows",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for small-matrix algebra: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def damped_cholesky(gram: Tensor) -> Tensor:
+    """Lower Cholesky factor of ``gram + lambda I`` with a damping relative to the dtype.
+
+    ``lambda = 10 * eps(dtype) * trace(gram) / r + sqrt(tiny(dtype))``. The relative part keeps
+    a full-rank float64 solve exact to ~1e-14; the absolute floor makes a zero Gram (peft
+    initialises ``B = 0``) factor cleanly, so the solves below return zeros, never NaN.
+    """
+    r = gram.shape[-1]
+    info = torch.finfo(gram.dtype)
+    damping = 10.0 * info.eps * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / r + info.tiny**0.5
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    return torch.linalg.cholesky(gram + damping[..., None, None] * eye)
+
+
+def cholesky_solve(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(gram + lambda I)^-1 rhs`` from the factor returned by :func:`damped_cholesky`."""
+    return torch.cholesky_solve(rhs, chol)
+
+
+def transport(chol_new: Tensor, cross: Tensor) -> Tensor:
+    """Calibration map ``T = Gamma_new^-1 F_new^T F_old`` (r, r) from ``cross = F_new^T F_old``."""
+    return cholesky_solve(chol_new, cross)
+
+
+def triu_indices(r: int, device: torch.device | str | None = None) -> Tensor:
+    """Row and column indices ``(2, P)`` of the upper triangle ``a <= b`` of an ``r x r`` block."""
+    return torch.triu_indices(r, r, device=device)
+
+
+def pack_outer(g: Tensor, triu: Tensor) -> Tensor:
+    """Packed outer products of the columns of ``g`` (r, l): ``(l, P)``, entry ``[j, (a, b)] = g_aj g_bj``."""
+    return (g[triu[0]] * g[triu[1]]).T
+
+
+def unpack_blocks(packed: Tensor, triu: Tensor, r: int) -> Tensor:
+    """Symmetric blocks ``(c, r, r)`` from packed rows ``(c, P)``."""
+    blocks = packed.new_zeros(packed.shape[0], r, r)
+    blocks[:, triu[0], triu[1]] = packed
+    blocks[:, triu[1], triu[0]] = packed
+    return blocks
+
+
+def pack_blocks(blocks: Tensor, triu: Tensor) -> Tensor:
+    """Packed rows ``(c, P)`` of symmetric blocks ``(c, r, r)``."""
+    return blocks[:, triu[0], triu[1]]
+
+
+def congruence_packed(packed: Tensor, t: Tensor, triu: Tensor, block_cols: int) -> None:
+    """In place, ``Q_j <- T Q_j T^T`` for every packed block row of ``packed`` (l, P).
+
+    Works on ``block_cols`` rows at a time so the unpacked transient stays ``(block_cols, r, r)``.
+    """
+    r = t.shape[0]
+    t = t.to(packed.dtype)
+    for start in range(0, packed.shape[0], block_cols):
+        rows = packed[start : start + block_cols]
+        blocks = unpack_blocks(rows, triu, r)  # (c, r, r)
+        rows.copy_(pack_blocks(t @ blocks @ t.T, triu))
+
+
+def quadratic_form_rows(basis: Tensor, triu: Tensor) -> Tensor:
+    """Rows ``(k, P)`` with entry ``w_ab f_ia f_ib`` (``w = 1`` on the diagonal, 2 off it).
+
+    For packed blocks ``Q`` (c, P), ``quadratic_form_rows(F) @ Q.T`` is ``f_i^T Q_j f_i`` (k, c):
+    the exact second moment of MATH.md section 6 as one GEMM.
+    """
+    weight = torch.where(triu[0] == triu[1], 1.0, 2.0).to(basis.dtype)
+    return basis[:, triu[0]] * basis[:, triu[1]] * weight

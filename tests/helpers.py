@@ -1,0 +1,56 @@
+"""Shared builders for the tests: small pairs, dense references and trajectories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+import lowrank_opt as lo
+
+
+def make_pair(m: int, n: int, r: int, scale: float = 1.0, dtype: torch.dtype = torch.float64, seed: int = 0, zero_b: bool = False) -> lo.LoRAPair:
+    """A pair with well-conditioned random factors (``b`` zero if asked) and no base weight."""
+    gen = torch.Generator().manual_seed(seed)
+    a = nn.Parameter(torch.randn(r, n, generator=gen, dtype=dtype) / n**0.5)
+    b = nn.Parameter(torch.zeros(m, r, dtype=dtype) if zero_b else torch.randn(m, r, generator=gen, dtype=dtype) / r**0.5)
+    return lo.LoRAPair(a, b, scale, name=f"pair{m}x{n}r{r}")
+
+
+def quadratic_loss(target: Tensor) -> Callable[[Tensor], Tensor]:
+    """``0.5 ||W - target||^2`` plus a cubic term, so gradients are not a fixed linear map of ``W``."""
+    return lambda w: 0.5 * (w - target).pow(2).sum() + 0.1 * (w**3).sum() / w.numel()
+
+
+def full_weight(pair: lo.LoRAPair) -> Tensor:
+    w = pair.scale * pair.b @ pair.a
+    return w if pair.base_weight is None else pair.base_weight + w
+
+
+def lowrank_trajectory(pair: lo.LoRAPair, loss_fn, opt: torch.optim.Optimizer, steps: int) -> list[Tensor]:
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(full_weight(pair)).backward()
+        opt.step()
+        out.append(full_weight(pair).detach().clone())
+    return out
+
+
+def dense_trajectory(w0: Tensor, loss_fn, make_opt, steps: int, max_norm: float | None = None) -> list[Tensor]:
+    w = nn.Parameter(w0.clone())
+    opt = make_opt([w])
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(w).backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([w], max_norm)
+        opt.step()
+        out.append(w.detach().clone())
+    return out
+
+
+def max_rel_error(xs: list[Tensor], ys: list[Tensor]) -> float:
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(xs, ys))
