@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .linalg import compute_dtype, damped_cholesky, transport
+from .linalg import damped_cholesky, transport
 from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
 from .rule import CalibrationRule, StateKind, Switches
@@ -39,7 +39,6 @@ VERSION_KEY = "lowrank_opt_version"
 STEP_KEY = "lowrank_step"  # steps this pair has taken (float32 scalar, on both factors)
 BASIS_GRAM_KEY = "lowrank_basis_gram"  # C C^T of this factor: its partner's Gram, to detect outside changes
 _WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
-_OTHER: Side = "a"
 
 
 def _other(side: Side) -> Side:

@@ -1,0 +1,78 @@
+"""The small dense algebra every rule shares."""
+
+from __future__ import annotations
+
+import torch
+from helpers import make_pair
+
+from lowrank_opt import linalg
+from lowrank_opt.views import build_view
+
+
+def _spd(r: int, seed: int) -> torch.Tensor:
+    x = torch.randn(r, 2 * r, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x @ x.T
+
+
+def test_packed_blocks_round_trip_and_congruence():
+    r, l = 4, 7
+    triu = linalg.triu_indices(r)
+    blocks = torch.stack([_spd(r, j) for j in range(l)])
+    packed = linalg.pack_blocks(blocks, triu)
+    assert packed.shape == (l, r * (r + 1) // 2)
+    assert torch.equal(linalg.unpack_blocks(packed, triu, r), blocks)
+    t = torch.randn(r, r, dtype=torch.float64)
+    linalg.congruence_packed(packed, t, triu, block_cols=3)
+    assert torch.allclose(linalg.unpack_blocks(packed, triu, r), t @ blocks @ t.T, rtol=1e-12)
+
+
+def test_quadratic_form_rows_give_f_q_f_in_one_gemm():
+    r, k, l = 3, 6, 5
+    f = torch.randn(k, r, dtype=torch.float64)
+    triu = linalg.triu_indices(r)
+    blocks = torch.stack([_spd(r, j) for j in range(l)])
+    expected = torch.einsum("ia,jab,ib->ij", f, blocks, f)
+    got = linalg.quadratic_form_rows(f, triu) @ linalg.pack_blocks(blocks, triu).T
+    assert torch.allclose(got, expected, rtol=1e-12)
+    g = torch.randn(r, l, dtype=torch.float64)
+    assert torch.allclose(linalg.unpack_blocks(linalg.pack_outer(g, triu), triu, r), torch.einsum("aj,bj->jab", g, g))
+
+
+def test_damped_solve_is_exact_at_full_rank_and_zero_on_a_zero_gram():
+    gram = _spd(5, 0)
+    rhs = torch.randn(5, 3, dtype=torch.float64)
+    solved = linalg.cholesky_solve(linalg.damped_cholesky(gram), rhs)
+    assert torch.allclose(gram @ solved, rhs, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.float32, torch.float64):
+        zero = torch.zeros(4, 4, dtype=dtype)
+        out = linalg.cholesky_solve(linalg.damped_cholesky(zero), torch.zeros(4, 2, dtype=dtype))
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_zero_factor_gives_zero_coefficient_gradient():
+    pair = make_pair(6, 5, 2, zero_b=True)
+    view = build_view(pair, "a")  # basis b = 0
+    g_hat = view.rescale(torch.zeros(2, 5, dtype=torch.float64))
+    assert torch.equal(g_hat, torch.zeros_like(g_hat))
+    assert view.full_sq_norm(g_hat) == 0
+
+
+def test_rescaled_gradient_is_the_projected_full_gradient():
+    m, n, r, s = 7, 6, 3, 2.5
+    pair = make_pair(m, n, r, scale=s, seed=4)
+    grad_w = torch.randn(m, n, dtype=torch.float64)
+    for side, grad, full in (("a", s * pair.b.T @ grad_w, grad_w), ("b", s * grad_w @ pair.a.T, grad_w.T)):
+        view = build_view(pair, side)
+        f = view.basis
+        projector = f @ torch.linalg.solve(f.T @ f, f.T)
+        g_hat = view.rescale(grad.detach() if side == "a" else grad.detach())
+        assert torch.allclose(s * f @ g_hat, projector @ full, rtol=1e-10)
+        assert torch.allclose(view.full_sq_norm(g_hat), (projector @ full).pow(2).sum(), rtol=1e-10)
+        assert linalg.compute_dtype(torch.bfloat16) == torch.float32
+
+
+def test_transport_is_identity_when_the_basis_did_not_move():
+    c = torch.randn(3, 8, dtype=torch.float64)
+    gram = c @ c.T
+    t = linalg.transport(linalg.damped_cholesky(gram), gram)
+    assert torch.allclose(t, torch.eye(3, dtype=torch.float64), atol=1e-12)

@@ -1,0 +1,219 @@
+"""LowRankWrapper: training real models, the ablation switches, shared param groups, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import full_weight, make_pair, quadratic_loss
+from torch import nn
+
+import lowrank_opt as lo
+
+peft = pytest.importorskip("peft")
+
+
+def _peft_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(16, 12))
+    model.add_module("act", nn.Tanh())
+    model.add_module("head", nn.Linear(12, 4))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], modules_to_save=["head"])
+    return peft.get_peft_model(model, config).to(dtype)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 16, generator=gen).to(next(model.parameters()).dtype)
+    y = torch.randint(0, 4, (32,), generator=gen)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("second_moment", ["exact", "factored", "diagonal"])
+def test_peft_model_from_b_zero_trains(second_moment):
+    model = _peft_model()
+    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2), model, rule_options={"second_moment": second_moment}, max_grad_norm=1.0)
+    losses = _train(model, opt, 20)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    pair = opt.pairs[0]
+    assert pair.a.abs().sum() > 0 and pair.b.abs().sum() > 0
+
+
+def _trajectory(**options) -> torch.Tensor:
+    m, n, r = 10, 8, 3
+    pair = make_pair(m, n, r, scale=2.0, seed=11)
+    target = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    loss = quadratic_loss(target)
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2), [pair], **options)
+    for _ in range(12):
+        opt.zero_grad()
+        loss(full_weight(pair)).backward()
+        opt.step()
+    return full_weight(pair).detach()
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"schedule": "both"},
+        {"alternate_every": 3},
+        {"rescale_grad": False},
+        {"calibrate_first_moment": False},
+        {"calibrate_second_moment": False},
+        {"project_update": False},
+        {"full_space_clip": False},
+        {"rule_options": {"second_moment": "factored"}},
+        {"rule_options": {"second_moment": "diagonal"}},
+    ],
+)
+def test_every_ablation_switch_changes_the_trajectory(switch):
+    reference = _trajectory(max_grad_norm=0.5)
+    changed = _trajectory(max_grad_norm=0.5, **switch)
+    assert torch.isfinite(changed).all()
+    assert (changed - reference).norm() > 1e-6 * reference.norm(), switch
+
+
+def test_lr_scheduler_on_the_wrapper_drives_the_lora_step():
+    model = _peft_model()
+    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2), model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    before = [p.detach().clone() for p in _trainable(model)]
+    for _ in range(3):
+        _train(model, opt, 1)
+        scheduler.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, _trainable(model)))
+    assert opt.param_groups is opt.base.param_groups
+
+
+def test_other_parameters_follow_the_base_optimizer_unchanged():
+    model = _peft_model()
+    twin = _peft_model()
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "lora" not in n]
+    twin_head = [p for n, p in twin.named_parameters() if p.requires_grad and "lora" not in n]
+    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1), model)
+    plain = torch.optim.AdamW(twin_head, lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in head]
+        opt.zero_grad()
+        for p, g in zip(head, grads):
+            p.grad = g.clone()
+        opt.step()
+        plain.zero_grad()
+        for p, g in zip(twin_head, grads):
+            p.grad = g.clone()
+        plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(head, twin_head))
+
+
+def test_rule_none_picks_loft_adamw_for_adam_and_adamw():
+    for cls in (torch.optim.AdamW, torch.optim.Adam):
+        pair = make_pair(4, 4, 2)
+        opt = lo.LowRankWrapper(cls([pair.a, pair.b]), [pair])
+        assert opt.rule.name == "loft_adamw"
+
+
+def test_half_precision_factors_keep_float32_statistics():
+    model = _peft_model(dtype=torch.bfloat16)
+    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2), model)
+    losses = _train(model, opt, 10)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for pair in opt.pairs:
+        for factor in (pair.a, pair.b):
+            assert factor.dtype == torch.bfloat16
+            assert opt.state[factor]["exp_avg"].dtype == torch.float32
+            assert opt.state[factor]["lowrank_step"].dtype == torch.float32
+
+
+def test_non_finite_gradient_raises_and_changes_nothing():
+    model = _peft_model()
+    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2), model)
+    _train(model, opt, 2)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[opt.pairs[0].a].items()}
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 16)), torch.zeros(4, dtype=torch.long)).backward()
+    opt.pairs[0].b.grad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite gradient in factor b of base_model.model.proj"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+    assert all(torch.equal(v, opt.state[opt.pairs[0].a][k]) for k, v in state.items())
+
+
+def test_a_factor_changed_outside_the_optimizer_resets_its_partner_with_a_warning():
+    pair = make_pair(6, 5, 2, seed=2)
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2), [pair])
+    loss = quadratic_loss(torch.randn(6, 5, dtype=torch.float64))
+    for _ in range(2):
+        opt.zero_grad()
+        loss(full_weight(pair)).backward()
+        opt.step()
+    assert opt.state[pair.b]["exp_avg"].abs().sum() > 0
+    with torch.no_grad():
+        pair.a.mul_(2.0)  # a is b's basis: b's statistics are now in the wrong coordinates
+    opt.zero_grad()
+    loss(full_weight(pair)).backward()
+    g_hat = lo.build_view(pair, "b").rescale(pair.b.grad)
+    with pytest.warns(UserWarning, match="factor a changed outside the optimizer; the statistics of factor b"):
+        opt.step()  # b moves at this step, so nothing re-bases its statistics afterwards
+    # Reset before this step's gradient came in: b's first moment is (1 - beta1) g_hat alone.
+    assert torch.allclose(opt.state[pair.b]["exp_avg"].T, 0.1 * g_hat, rtol=1e-12, atol=0)
+    opt.zero_grad()
+    loss(full_weight(pair)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # changes made by the optimizer itself are not flagged
+
+
+def _errors():
+    pair = make_pair(4, 4, 2)
+    adam = lambda **kw: torch.optim.AdamW([pair.a, pair.b], **kw)  # noqa: E731
+    frozen = make_pair(4, 4, 2, seed=5)
+    frozen.a.requires_grad_(False)
+    outsider = make_pair(4, 4, 2, seed=6)
+    return [
+        (lambda: lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=0.1), [pair], rule="loft_adamw"), "rule 'loft_adamw' lifts AdamW, Adam, not SGD"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], rule="nope"), "unknown rule 'nope'; registered rules: "),
+        (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "full"}), "second_moment must be one of"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"typo": 1}), "does not accept rule_options"),
+        (lambda: lo.LowRankWrapper(adam(amsgrad=True), [pair]), "loft_adamw does not support amsgrad=True"),
+        (lambda: lo.LowRankWrapper(torch.optim.Adam([pair.a, pair.b], weight_decay=0.1), [pair]), "coupled L2 term"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], max_grad_norm=-1.0), "max_grad_norm must be a positive finite number or None, got -1.0"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], schedule="random"), "schedule must be 'alternate' or 'both', got 'random'"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], alternate_every=0), "alternate_every must be a positive integer, got 0"),
+        (lambda: lo.LowRankWrapper(adam(), [outsider]), "factor a is not in the base optimizer's param_groups"),
+        (lambda: lo.LowRankWrapper(torch.optim.AdamW([frozen.b]), [frozen]), "factor a does not require grad"),
+        (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "factored"}, project_update=False), "has no coefficient-space form"),
+        (lambda: lo.LowRankWrapper("adam", [pair]), "base_optimizer must be a built torch.optim.Optimizer, got str"),
+        (lambda: lo.LowRankWrapper(adam(), [pair]).clip_grad_norm_(0), "max_norm must be a positive finite number, got 0"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_errors())))
+def test_bad_arguments_are_named(index):
+    build, message = _errors()[index]
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_pair_with_one_gradient_missing_is_refused():
+    pair = make_pair(4, 4, 2)
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b]), [pair])
+    pair.a.grad = torch.ones_like(pair.a)
+    with pytest.raises(ValueError, match="factor b has no gradient while its partner has one"):
+        opt.step()
