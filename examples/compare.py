@@ -1,0 +1,483 @@
+"""Compare optimizers on one task: LoRA, LoFT-style low-rank rules, full fine-tuning.
+
+    python examples/compare.py --config examples/configs/matrix_factorization.yaml
+    python examples/compare.py --config examples/configs/play_id.yaml --seeds '[0]'
+
+A config names a task and a list of runs. Each run gives its base optimizer as
+``class_path``/``init_args`` (any ``torch.optim.Optimizer``), a mode
+(``full``: dense weights; ``lora``: the base optimizer on the LoRA factors;
+``lowrank``: the same optimizer wrapped in ``lowrank_opt.LowRankWrapper``
+with a rule and its switches), a rank and a learning rate or a list of them.
+
+A list of learning rates is a sweep: each is trained with the first seed and
+the one with the best ``select`` metric is kept (on the validation split,
+never the test split); every run must list the same number, so every
+optimizer gets the same tuning budget. The remaining seeds then run at the
+chosen rate. Output: a table on stdout and, in ``out``, ``results.csv`` (one
+row per run and seed), ``summary.csv`` and ``results.md`` (mean and std over
+seeds), ``sweep.csv``, ``curves.csv`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks import ConfigError, Task  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "matrix_factorization.yaml"
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+
+
+@dataclass
+class WrapperOptions:
+    """Keyword arguments of ``lowrank_opt.LowRankWrapper`` (``lowrank`` mode only)."""
+
+    rule: str | None = None
+    rule_options: dict[str, Any] | None = None
+    schedule: Literal["alternate", "both"] = "alternate"
+    alternate_every: int = 1
+    rescale_grad: bool = True
+    calibrate_first_moment: bool = True
+    calibrate_second_moment: bool = True
+    project_update: bool = True
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class Run:
+    """One optimizer setting to compare.
+
+    Args:
+        name: Label in the table, the CSV and the plot.
+        optimizer: Base optimizer, ``class_path`` and ``init_args`` (``lr`` is set per run).
+        lr: Learning rate, or a list to sweep.
+        mode: ``full`` (dense weights), ``lora`` (plain optimizer on the factors) or ``lowrank`` (wrapped).
+        rank: LoRA rank (``lora`` and ``lowrank``).
+        alpha: LoRA alpha (None: the rank, so the scale is 1).
+        wrapper: ``LowRankWrapper`` options (``lowrank`` only).
+    """
+
+    name: str
+    optimizer: OptimizerFactory
+    lr: float | list[float]
+    mode: Literal["full", "lora", "lowrank"] = "lowrank"
+    rank: int | None = None
+    alpha: float | None = None
+    wrapper: WrapperOptions = field(default_factory=WrapperOptions)
+
+    @property
+    def lrs(self) -> list[float]:
+        return list(self.lr) if isinstance(self.lr, list) else [self.lr]
+
+
+@dataclass
+class Result:
+    """One trained (run, lr, seed)."""
+
+    run: str
+    seed: int
+    lr: float
+    rank: int | None
+    train_losses: list[float]
+    evals: list[tuple[int, dict[str, float]]]  # (step, test metrics)
+    val: dict[str, float]
+    test: dict[str, float]
+    step_ms: float
+    opt_ms: float
+    state_bytes: int
+
+    def train_loss(self, window: int) -> float:
+        tail = self.train_losses[-window:]
+        return sum(tail) / len(tail)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0], exit_on_error=False)
+    parser.add_argument("--config", action="config", help="YAML config (default: configs/matrix_factorization.yaml)")
+    parser.add_argument("--task", type=Task, required=True, help="Task, as class_path/init_args")
+    parser.add_argument("--runs", type=list[Run], required=True, help="Runs to compare")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps per run")
+    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="Seeds; the first one also runs the lr sweep")
+    parser.add_argument("--select", type=Literal["val_loss", "val_acc"], default="val_loss", help="Sweep criterion")
+    parser.add_argument("--eval_every", type=int | None, default=None, help="Test metrics every k steps (None: at the end)")
+    parser.add_argument("--loss_window", type=int, default=1, help="Final train loss = mean of the last k steps")
+    parser.add_argument("--smooth", type=int, default=1, help="Moving-average window of the plotted train loss")
+    parser.add_argument("--out", type=str | None, default=None, help="Output folder (default: runs/<config name>)")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
+    parser.add_argument("--progress", type=bool, default=True, help="Show progress bars")
+    return parser
+
+
+# Training -------------------------------------------------------------------
+
+
+def _state_bytes(state: Any, seen: set[int]) -> int:
+    """Bytes of the tensors in an optimizer state dict (shared tensors once)."""
+    if isinstance(state, torch.Tensor):
+        key = state.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v, seen) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v, seen) for v in state)
+    return 0
+
+
+def make_optimizer(task: Task, run: Run, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = run.optimizer(params, lr=lr)
+    if run.mode != "lowrank":
+        return optimizer
+    import lowrank_opt as lo
+
+    w = run.wrapper
+    return lo.LowRankWrapper(
+        optimizer,
+        task.lowrank_target(model),
+        rule=w.rule,
+        rule_options=w.rule_options,
+        schedule=w.schedule,
+        alternate_every=w.alternate_every,
+        rescale_grad=w.rescale_grad,
+        calibrate_first_moment=w.calibrate_first_moment,
+        calibrate_second_moment=w.calibrate_second_moment,
+        project_update=w.project_update,
+        max_grad_norm=w.max_grad_norm,
+    )
+
+
+def prepare(task: Task, run: Run, lr: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Seeded model and optimizer; configuration errors become ``ConfigError``."""
+    torch.manual_seed(seed)
+    try:
+        model = task.build_model(seed, None if run.mode == "full" else run.rank, run.alpha)
+        return model, make_optimizer(task, run, model, lr)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, ImportError) as err:
+        # Messages of torch and lowrank_opt name the bad value; keep the first line.
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"run {run.name!r}: {message}") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(task: Task, run: Run, lr: float, seed: int, args: Namespace, device: torch.device) -> Result:
+    """Train one (run, lr, seed) and measure it."""
+    model, optimizer = prepare(task, run, lr, seed)
+    model.train()
+    losses: list[float] = []
+    evals: list[tuple[int, dict[str, float]]] = []
+    step_s = opt_s = 0.0
+    batches = task.batches(seed)
+    bar = tqdm(range(args.steps), desc=f"{run.name} lr={lr:g} seed={seed}", leave=False, disable=not args.progress)
+    for step in bar:
+        batch = next(batches)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        if step > 0:  # the first step pays for lazy state allocation
+            step_s += t2 - t0
+            opt_s += t2 - t1
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break  # diverged: the rest would be NaN too
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            evals.append((step + 1, task.evaluate(model, "test", seed)))
+    timed = max(len(losses) - 1, 1)
+    test = task.evaluate(model, "test", seed)
+    evals.append((len(losses), test))
+    return Result(
+        run=run.name,
+        seed=seed,
+        lr=lr,
+        rank=None if run.mode == "full" else run.rank,
+        train_losses=losses,
+        evals=evals,
+        val=task.evaluate(model, "val", seed),
+        test=test,
+        step_ms=1e3 * step_s / timed,
+        opt_ms=1e3 * opt_s / timed,
+        state_bytes=_state_bytes(optimizer.state_dict()["state"], set()),
+    )
+
+
+def _score(result: Result, select: str) -> float:
+    """Lower is better; a diverged run scores +inf."""
+    if select == "val_acc":
+        value = -result.val.get("acc", math.nan)
+    else:
+        value = result.val["loss"]
+    diverged = not all(math.isfinite(x) for x in result.train_losses[-1:])
+    return math.inf if diverged or not math.isfinite(value) else value
+
+
+def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
+    """Sweep learning rates on the first seed, then run every seed at the chosen rate."""
+    task: Task = args.task
+    runs: list[Run] = args.runs
+    device = resolve_device(args.device)
+    task.setup(device)
+    # Fail on any bad run before spending time on good ones.
+    for run in runs:
+        prepare(task, run, run.lrs[0], args.seeds[0])
+    if args.select == "val_acc" and "acc" not in task.metrics:
+        raise ConfigError(f"select val_acc needs a task with accuracy; {type(task).__name__} has {task.metrics}")
+    jobs = sum(len(run.lrs) + len(args.seeds) - 1 for run in runs)
+    results: list[Result] = []
+    sweep: list[dict[str, Any]] = []
+    with tqdm(total=jobs, desc="runs", disable=not args.progress) as total:
+        for run in runs:
+            tried = []
+            for lr in run.lrs:
+                tried.append(train(task, run, lr, args.seeds[0], args, device))
+                total.update()
+            best = min(tried, key=lambda r: _score(r, args.select))
+            for r in tried:
+                sweep.append(
+                    {
+                        "run": run.name,
+                        "lr": r.lr,
+                        "seed": r.seed,
+                        "val_loss": r.val["loss"],
+                        "val_acc": r.val.get("acc", ""),
+                        "chosen": r is best,
+                    }
+                )
+            results.append(best)
+            for seed in args.seeds[1:]:
+                results.append(train(task, run, best.lr, seed, args, device))
+                total.update()
+    return results, sweep
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but torch sees no GPU")
+    return device
+
+
+# Reporting ------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(results: list[Result], metrics: tuple[str, ...], window: int) -> list[dict[str, Any]]:
+    """Mean and std over seeds, one row per run, in config order."""
+    rows = []
+    for name in dict.fromkeys(r.run for r in results):
+        group = [r for r in results if r.run == name]
+        row: dict[str, Any] = {"run": name, "rank": group[0].rank or "full", "lr": group[0].lr, "seeds": len(group)}
+        row["train_loss"], row["train_loss_std"] = _mean_std([r.train_loss(window) for r in group])
+        for metric in metrics:
+            row[f"test_{metric}"], row[f"test_{metric}_std"] = _mean_std([r.test[metric] for r in group])
+        row["step_ms"] = statistics.fmean(r.step_ms for r in group)
+        row["opt_ms"] = statistics.fmean(r.opt_ms for r in group)
+        row["state_bytes"] = group[0].state_bytes
+        rows.append(row)
+    return rows
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError  # unreachable
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+    """Markdown table of the summary rows."""
+    head = ["run", "rank", "lr", "train loss"] + [f"test {m}" for m in metrics] + ["step ms", "opt ms", "opt state", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["run"], str(row["rank"]), f"{row['lr']:.3g}", _pm(row["train_loss"], row["train_loss_std"], ".3g")]
+        for m in metrics:
+            fmt = ".3f" if m == "acc" else ".3g"
+            cells.append(_pm(row[f"test_{m}"], row[f"test_{m}_std"], fmt))
+        cells += [f"{row['step_ms']:.1f}", f"{row['opt_ms']:.1f}", _bytes(row["state_bytes"]), str(row["seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(results: list[Result], metrics: tuple[str, ...], smooth: int, path: Path, title: str) -> None:
+    """Train loss against step (mean over seeds, min-max band) and, with accuracy, test accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_acc = "acc" in metrics
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(12 if with_acc else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    for name in dict.fromkeys(r.run for r in results):
+        group = [r for r in results if r.run == name]
+        length = min(len(r.train_losses) for r in group)
+        curves = torch.tensor([_moving_average(r.train_losses[:length], smooth) for r in group], dtype=torch.float64)
+        steps = range(1, length + 1)
+        line = ax.plot(steps, curves.mean(0), label=f"{name} (lr {group[0].lr:.3g})")[0]
+        if len(group) > 1:
+            ax.fill_between(steps, curves.min(0).values, curves.max(0).values, color=line.get_color(), alpha=0.2)
+        if with_acc:
+            points = [(s, statistics.fmean(r.evals[i][1]["acc"] for r in group)) for i, (s, _) in enumerate(group[0].evals)]
+            axes[0, 1].plot(*zip(*points), marker="o", color=line.get_color(), label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss" + (f" (moving average of {smooth})" if smooth > 1 else ""))
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if with_acc:
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_ylabel("test accuracy (mean over seeds)")
+        axes[0, 1].grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: list[Result], sweep: list[dict[str, Any]], args: Namespace, out: Path) -> str:
+    """Write every output file; return the table."""
+    task: Task = args.task
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed = []
+    for r in results:
+        row = {"run": r.run, "seed": r.seed, "rank": r.rank or "full", "lr": r.lr, "train_loss": r.train_loss(args.loss_window)}
+        row |= {f"val_{m}": r.val[m] for m in task.metrics} | {f"test_{m}": r.test[m] for m in task.metrics}
+        row |= {"step_ms": r.step_ms, "opt_ms": r.opt_ms, "state_bytes": r.state_bytes, "steps": len(r.train_losses)}
+        per_seed.append(row)
+    _write_csv(out / "results.csv", per_seed)
+    rows = summarise(results, task.metrics, args.loss_window)
+    _write_csv(out / "summary.csv", rows)
+    _write_csv(out / "sweep.csv", sweep)
+    curves = [
+        {"run": r.run, "seed": r.seed, "step": step, "train_loss": loss, **{f"test_{m}": "" for m in task.metrics}}
+        for r in results
+        for step, loss in enumerate(r.train_losses, start=1)
+    ]
+    index = {(c["run"], c["seed"], c["step"]): c for c in curves}
+    for r in results:
+        for step, metrics in r.evals:
+            index[(r.run, r.seed, step)] |= {f"test_{m}": metrics[m] for m in task.metrics}
+    _write_csv(out / "curves.csv", curves)
+    text = table(rows, task.metrics)
+    (out / "results.md").write_text(text + "\n")
+    plot(results, task.metrics, args.smooth, out / "loss.png", type(task).__name__)
+    return text
+
+
+# Entry point ----------------------------------------------------------------
+
+
+def _one_line(err: BaseException) -> str:
+    """jsonargparse nests its messages over many lines; keep the informative ones on one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Problem with given class_path")]
+    return " ".join(lines) or type(err).__name__
+
+
+def parse(argv: list[str]) -> tuple[Namespace, Path]:
+    """Parsed, instantiated arguments and the output folder."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    config_name = Path(str(cfg.config[0])).stem if cfg.get("config") else "compare"
+    args = parser.instantiate(cfg)
+    if args.steps < 1 or not args.seeds:
+        raise ConfigError("steps must be positive and seeds non-empty")
+    budgets = {len(run.lrs) for run in args.runs}
+    if len(budgets) > 1:
+        raise ConfigError(f"every run must sweep the same number of learning rates, got {sorted(budgets)}")
+    for run in args.runs:
+        if run.mode != "full" and (run.rank is None or run.rank < 1):
+            raise ConfigError(f"run {run.name!r}: mode {run.mode} needs a positive rank")
+    if len({run.name for run in args.runs}) != len(args.runs):
+        raise ConfigError("run names must be unique")
+    return args, Path(args.out) if args.out else Path("runs") / config_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, out = parse(sys.argv[1:] if argv is None else argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results, sweep = compare(args)
+    except ConfigError as err:
+        print(f"compare.py: error: {err}", file=sys.stderr)
+        return 2
+    except ArgumentError as err:
+        print(f"compare.py: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    text = write_outputs(results, sweep, args, out)
+    print(text)
+    print(f"\nwrote {out}/results.csv, summary.csv, sweep.csv, curves.csv, results.md, loss.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
