@@ -1,0 +1,228 @@
+"""Optimizer-step cost of the lifted rules against their dense and plain-LoRA counterparts.
+
+For each size ``m = n`` and rank ``r`` it times ``optimizer.step()`` alone (gradients are set
+directly, no forward or backward) on one LoRA pair, and reports the median over repeated steps,
+the peak memory the step allocates on top of what exists before it, and the optimizer state.
+
+    python examples/bench_step.py                                  # the full table, CPU
+    python examples/bench_step.py --sizes '[1024]' --ranks '[16]'  # one cell
+    python examples/bench_step.py --device cuda                    # on a GPU
+
+On CPU the peak is measured by recording every tensor a step allocates (a dispatch mode, in a
+separate untimed step); on CUDA by the allocator's peak counter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jsonargparse import CLI
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowrank_opt as lo
+
+
+@dataclass
+class Case:
+    """One optimizer on one pair (or on the dense weight)."""
+
+    params: list[Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def _pair(m: int, n: int, r: int, device: str, dtype: torch.dtype) -> lo.LoRAPair:
+    gen = torch.Generator().manual_seed(0)
+    a = nn.Parameter((torch.randn(r, n, generator=gen) / n**0.5).to(device, dtype))
+    b = nn.Parameter((torch.randn(m, r, generator=gen) / r**0.5).to(device, dtype))
+    return lo.LoRAPair(a, b, scale=2.0, base_weight=torch.randn(m, n, generator=gen).to(device, dtype))
+
+
+def _dense(make: Callable[[list[Tensor]], torch.optim.Optimizer]):
+    def build(m: int, n: int, r: int, device: str, dtype: torch.dtype) -> Case:
+        w = nn.Parameter(torch.randn(m, n, device=device, dtype=dtype))
+        return Case([w], make([w]))
+
+    return build
+
+
+def _factors(make: Callable[[list[Tensor]], torch.optim.Optimizer]):
+    def build(m: int, n: int, r: int, device: str, dtype: torch.dtype) -> Case:
+        pair = _pair(m, n, r, device, dtype)
+        return Case([pair.a, pair.b], make([pair.a, pair.b]))
+
+    return build
+
+
+def _lifted(make: Callable[[list[Tensor]], torch.optim.Optimizer], rule: str, **rule_options):
+    def build(m: int, n: int, r: int, device: str, dtype: torch.dtype) -> Case:
+        pair = _pair(m, n, r, device, dtype)
+        opt = lo.LowRankWrapper(make([pair.a, pair.b]), [pair], rule=rule, rule_options=rule_options)
+        return Case([pair.a, pair.b], opt)
+
+    return build
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def _adafactor(params):
+    return torch.optim.Adafactor(params, lr=1e-2)
+
+
+def _muon(params):
+    return torch.optim.Muon(params, lr=1e-2)
+
+
+METHODS: dict[str, tuple[str, Callable[..., Case]]] = {
+    "adamw-dense": ("", _dense(_adamw)),
+    "adamw-lora": ("", _factors(_adamw)),
+    "loft-adamw-exact": ("loft_adamw", _lifted(_adamw, "loft_adamw", second_moment="exact")),
+    "loft-adamw-factored": ("loft_adamw", _lifted(_adamw, "loft_adamw", second_moment="factored")),
+    "loft-adamw-diagonal": ("loft_adamw", _lifted(_adamw, "loft_adamw", second_moment="diagonal")),
+    "adafactor-dense": ("", _dense(_adafactor)),
+    "adafactor-lora": ("", _factors(_adafactor)),
+    "loft-adafactor": ("loft_adafactor", _lifted(_adafactor, "loft_adafactor")),
+    "muon-dense": ("", _dense(_muon)),
+    "muon-lora": ("", _factors(_muon)),
+    "loft-muon": ("loft_muon", _lifted(_muon, "loft_muon")),
+}
+
+
+class _AllocationPeak(TorchDispatchMode):
+    """Peak bytes of the tensors allocated (not views, not in-place results) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) + _tensors(list((kwargs or {}).values()))}
+        for t in _tensors(out if isinstance(out, (list, tuple)) else [out]):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in inputs or storage.nbytes() == 0:
+                continue
+            inputs.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def _tensors(values) -> list[Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(_tensors(v))
+    return out
+
+
+def _set_grads(case: Case, gen: torch.Generator) -> None:
+    for p in case.params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+
+def _state_bytes(case: Case) -> int:
+    return sum(
+        v.numel() * v.element_size() for p in case.params for v in case.optimizer.state.get(p, {}).values() if isinstance(v, Tensor)
+    )
+
+
+def _measure(case: Case, device: str, warmup: int, repeats: int) -> tuple[float, float, int]:
+    """(median step seconds, peak extra bytes of one step, state bytes)."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(warmup):
+        _set_grads(case, gen)
+        case.optimizer.step()
+    times = []
+    for _ in range(repeats):
+        _set_grads(case, gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        case.optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    _set_grads(case, gen)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        case.optimizer.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        with torch.no_grad(), _AllocationPeak() as tracker:
+            case.optimizer.step()
+        peak = tracker.peak
+    return statistics.median(times), peak, _state_bytes(case)
+
+
+def main(
+    sizes: list[int] = [1024, 4096],  # noqa: B006 (jsonargparse reads defaults from the signature)
+    ranks: list[int] = [4, 16, 64],  # noqa: B006
+    methods: list[str] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> list[dict[str, object]]:
+    """Print a markdown table of step time, peak extra memory and state size.
+
+    Args:
+        sizes: values of ``m = n``.
+        ranks: LoRA ranks ``r``.
+        methods: names from METHODS (default: all whose rule is registered).
+        repeats: timed steps per cell (the median is reported).
+        warmup: untimed steps first (state is created, caches warm).
+        device: ``cpu`` or ``cuda``.
+        dtype: parameter dtype (``float32`` or ``bfloat16``).
+        threads: ``torch.set_num_threads`` value (default: leave torch's choice).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    registered = lo.available_rules()
+    chosen = methods or [name for name, (rule, _) in METHODS.items() if not rule or rule in registered]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    torch_dtype = getattr(torch, dtype)
+    rows = []
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} repeats={repeats} (median)\n")
+    print("| method | m = n | r | step ms | x dense | peak extra MiB | state MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        for r in ranks:
+            dense_ms: dict[str, float] = {}
+            for name in chosen:
+                family = name.split("-")[0] if not name.startswith("loft-") else name.split("-")[1]
+                case = METHODS[name][1](size, size, r, device, torch_dtype)
+                seconds, peak, state = _measure(case, device, warmup, repeats)
+                ms = seconds * 1e3
+                if name.endswith("-dense"):
+                    dense_ms[family] = ms
+                ratio = f"{ms / dense_ms[family]:.3f}" if family in dense_ms else "-"
+                row = {"method": name, "size": size, "rank": r, "step_ms": ms, "peak_mib": peak / 2**20, "state_mib": state / 2**20}
+                rows.append(row)
+                print(f"| {name} | {size} | {r} | {ms:.2f} | {ratio} | {peak / 2**20:.1f} | {state / 2**20:.2f} |", flush=True)
+                del case
+    return rows
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
