@@ -24,6 +24,7 @@ __all__ = [
     "transport",
     "triu_indices",
     "pack_outer",
+    "ema_packed_outer_",
     "unpack_blocks",
     "pack_blocks",
     "congruence_packed",
@@ -68,6 +69,16 @@ def triu_indices(r: int, device: torch.device | str | None = None) -> Tensor:
 def pack_outer(g: Tensor, triu: Tensor) -> Tensor:
     """Packed outer products of the columns of ``g`` (r, l): ``(l, P)``, entry ``[j, (a, b)] = g_aj g_bj``."""
     return (g[triu[0]] * g[triu[1]]).T
+
+
+def ema_packed_outer_(packed: Tensor, g: Tensor, triu: Tensor, beta: float, block_cols: int) -> None:
+    """In place, ``Q_j <- beta Q_j + (1 - beta) g_j g_j^T`` on packed rows ``(l, P)``.
+
+    Works on ``block_cols`` columns of ``g`` (r, l) at a time to bound the ``(P, c)`` transient.
+    """
+    for start in range(0, packed.shape[0], block_cols):
+        rows = packed[start : start + block_cols]
+        rows.mul_(beta).add_(pack_outer(g[:, start : start + block_cols], triu), alpha=1 - beta)
 
 
 def unpack_blocks(packed: Tensor, triu: Tensor, r: int) -> Tensor:

@@ -29,8 +29,8 @@ from .views import FactorView
 
 __all__ = ["StateKind", "Switches", "CalibrationRule", "calibrate_state"]
 
-# Rows of packed blocks transformed at once during calibration: bounds the (c, r, r) transient.
-_CALIBRATION_BLOCK = 1024
+# Elements of the unpacked (c, r, r) transient while packed blocks are calibrated.
+_CALIBRATION_ELEMENTS = 1 << 20
 
 
 class StateKind(str, enum.Enum):
@@ -72,7 +72,8 @@ def calibrate_state(
             v = view.canonical(value)
             v.copy_((t * t).to(v.dtype) @ v)
         elif kind is StateKind.BLOCK and switches.calibrate_second_moment:
-            congruence_packed(value, t, triu_indices(t.shape[0], t.device), _CALIBRATION_BLOCK)
+            r = t.shape[0]
+            congruence_packed(value, t, triu_indices(r, t.device), max(1, _CALIBRATION_ELEMENTS // (r * r)))
         elif kind is StateKind.RESET:
             value.zero_()
 

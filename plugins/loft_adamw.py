@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lowrank_opt.linalg import pack_outer, quadratic_form_rows, triu_indices
+from lowrank_opt.linalg import ema_packed_outer_, quadratic_form_rows, triu_indices
 from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
 from lowrank_opt.views import FactorView
 
@@ -110,8 +110,9 @@ class LoFTAdamW(CalibrationRule):
         g = g_hat.to(state["exp_avg"].dtype)
         view.canonical(state["exp_avg"]).lerp_(g, 1 - beta1)
         if self.second_moment == "exact":
-            triu = triu_indices(g.shape[0], g.device)
-            state["exp_avg_sq"].mul_(beta2).add_(pack_outer(g, triu), alpha=1 - beta2)
+            r = g.shape[0]
+            block = max(1, self.block_elements // (r * (r + 1) // 2))
+            ema_packed_outer_(state["exp_avg_sq"], g, triu_indices(r, g.device), beta2, block)
         elif self.second_moment == "diagonal":
             view.canonical(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         else:
