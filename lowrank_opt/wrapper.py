@@ -422,18 +422,22 @@ class LowRankWrapper(Optimizer):
         return transport(damped_cholesky(gram_new), new @ old.T)  # (r, l) @ (l, r) -> (r, r)
 
     def _step_base(self, views, grads: dict[int, dict[Side, Tensor]], delegated: list[tuple[int, tuple[Side, ...]]]) -> None:
-        """Run the base optimizer on every non-factor parameter, and on the active factors of
-        delegated pairs with ``g_hat`` as their gradient; other factors are hidden from it."""
+        """Run the base optimizer on every non-factor parameter, and on both factors of delegated
+        pairs with ``g_hat`` as their gradient. The inactive factor is put back afterwards: the
+        base's statistics see every gradient (MATH.md section 4), only the active factor moves."""
         stashed = {factor: factor.grad for factor in self._factors}
         for factor in self._factors:
             factor.grad = None
         moved: list[tuple[FactorView, Tensor]] = []
+        kept: list[tuple[Tensor, Tensor]] = []
         hidden_keys: dict[Tensor, dict[str, Any]] = {}
         for i, active in delegated:
-            for side in active:
-                view = views[i][0 if side == "a" else 1]
-                view.param.grad = view.canonical(grads[i][side]).to(view.param.dtype)
-                moved.append((view, view.coeff.to(view.gram.dtype, copy=True)))
+            for view in views[i]:
+                view.param.grad = view.canonical(grads[i][view.side]).to(view.param.dtype)
+                if view.side in active:
+                    moved.append((view, view.coeff.to(view.gram.dtype, copy=True)))
+                else:
+                    kept.append((view.param, view.param.detach().clone()))
                 # The base initialises its state lazily when it finds it empty: hide our keys.
                 state = self.state[view.param]
                 hidden_keys[view.param] = {key: state.pop(key) for key in _WRAPPER_KEYS}
@@ -444,6 +448,8 @@ class LowRankWrapper(Optimizer):
                 self.state[param].update(keys)
             for factor, grad in stashed.items():
                 factor.grad = grad
+        for param, value in kept:
+            param.copy_(value)
         for view, old in moved:
             t = self._transport_after_move(view, old)
             pair_index = next(j for j, (va, vb) in enumerate(views) if view in (va, vb))
