@@ -137,7 +137,10 @@ def _set_grads(case: Case, gen: torch.Generator) -> None:
 
 def _state_bytes(case: Case) -> int:
     return sum(
-        v.numel() * v.element_size() for p in case.params for v in case.optimizer.state.get(p, {}).values() if isinstance(v, Tensor)
+        v.numel() * v.element_size()
+        for p in case.params
+        for v in case.optimizer.state.get(p, {}).values()
+        if isinstance(v, Tensor)
     )
 
 
@@ -217,9 +220,19 @@ def main(
                 if name.endswith("-dense"):
                     dense_ms[family] = ms
                 ratio = f"{ms / dense_ms[family]:.3f}" if family in dense_ms else "-"
-                row = {"method": name, "size": size, "rank": r, "step_ms": ms, "peak_mib": peak / 2**20, "state_mib": state / 2**20}
+                row = {
+                    "method": name,
+                    "size": size,
+                    "rank": r,
+                    "step_ms": ms,
+                    "peak_mib": peak / 2**20,
+                    "state_mib": state / 2**20,
+                }
                 rows.append(row)
-                print(f"| {name} | {size} | {r} | {ms:.2f} | {ratio} | {peak / 2**20:.1f} | {state / 2**20:.2f} |", flush=True)
+                print(
+                    f"| {name} | {size} | {r} | {ms:.2f} | {ratio} | {peak / 2**20:.1f} | {state / 2**20:.2f} |",
+                    flush=True,
+                )
                 del case
     return rows
 

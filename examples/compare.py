@@ -11,9 +11,11 @@ with a rule and its switches), a rank and a learning rate or a list of them.
 
 A list of learning rates is a sweep: each is trained with the first seed and
 the one with the best ``select`` metric is kept (on the validation split,
-never the test split); every run must list the same number, so every
-optimizer gets the same tuning budget. The remaining seeds then run at the
-chosen rate. Output: a table on stdout and, in ``out``, ``results.csv`` (one
+never the test split); every run that sweeps must list the same number, so
+every optimizer gets the same tuning budget. The remaining seeds then run at
+the chosen rate. ``lr`` may also name an earlier run: the run then trains at
+the rate that run's sweep chose, with no tuning of its own (for instance a
+low-rank optimizer at full fine-tuning's rate). Output: a table on stdout and, in ``out``, ``results.csv`` (one
 row per run and seed), ``summary.csv`` and ``results.md`` (mean and std over
 seeds), ``sweep.csv``, ``curves.csv`` and ``loss.png``.
 """
@@ -66,7 +68,7 @@ class Run:
     Args:
         name: Label in the table, the CSV and the plot.
         optimizer: Base optimizer, ``class_path`` and ``init_args`` (``lr`` is set per run).
-        lr: Learning rate, or a list to sweep.
+        lr: Learning rate, a list to sweep, or the name of an earlier run whose chosen rate to use.
         mode: ``full`` (dense weights), ``lora`` (plain optimizer on the factors) or ``lowrank`` (wrapped).
         rank: LoRA rank (``lora`` and ``lowrank``).
         alpha: LoRA alpha (None: the rank, so the scale is 1).
@@ -75,14 +77,16 @@ class Run:
 
     name: str
     optimizer: OptimizerFactory
-    lr: float | list[float]
+    lr: float | list[float] | str
     mode: Literal["full", "lora", "lowrank"] = "lowrank"
     rank: int | None = None
     alpha: float | None = None
     wrapper: WrapperOptions = field(default_factory=WrapperOptions)
 
-    @property
-    def lrs(self) -> list[float]:
+    def lrs(self, chosen: dict[str, float]) -> list[float]:
+        """Learning rates to try, given the rates already chosen for earlier runs."""
+        if isinstance(self.lr, str):
+            return [chosen[self.lr]]
         return list(self.lr) if isinstance(self.lr, list) else [self.lr]
 
 
@@ -113,9 +117,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--task", type=Task, required=True, help="Task, as class_path/init_args")
     parser.add_argument("--runs", type=list[Run], required=True, help="Runs to compare")
     parser.add_argument("--steps", type=int, default=300, help="Training steps per run")
-    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="Seeds; the first one also runs the lr sweep")
+    parser.add_argument(
+        "--seeds", type=list[int], default=[0, 1, 2], help="Seeds; the first one also runs the lr sweep"
+    )
     parser.add_argument("--select", type=Literal["val_loss", "val_acc"], default="val_loss", help="Sweep criterion")
-    parser.add_argument("--eval_every", type=int | None, default=None, help="Test metrics every k steps (None: at the end)")
+    parser.add_argument(
+        "--eval_every", type=int | None, default=None, help="Test metrics every k steps (None: at the end)"
+    )
     parser.add_argument("--loss_window", type=int, default=1, help="Final train loss = mean of the last k steps")
     parser.add_argument("--smooth", type=int, default=1, help="Moving-average window of the plotted train loss")
     parser.add_argument("--out", type=str | None, default=None, help="Output folder (default: runs/<config name>)")
@@ -253,19 +261,21 @@ def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
     task.setup(device)
     # Fail on any bad run before spending time on good ones.
     for run in runs:
-        prepare(task, run, run.lrs[0], args.seeds[0])
+        prepare(task, run, 1e-3, args.seeds[0])
     if args.select == "val_acc" and "acc" not in task.metrics:
         raise ConfigError(f"select val_acc needs a task with accuracy; {type(task).__name__} has {task.metrics}")
-    jobs = sum(len(run.lrs) + len(args.seeds) - 1 for run in runs)
+    jobs = sum((1 if isinstance(run.lr, str) else len(run.lrs({}))) + len(args.seeds) - 1 for run in runs)
     results: list[Result] = []
     sweep: list[dict[str, Any]] = []
+    chosen: dict[str, float] = {}
     with tqdm(total=jobs, desc="runs", disable=not args.progress) as total:
         for run in runs:
             tried = []
-            for lr in run.lrs:
+            for lr in run.lrs(chosen):
                 tried.append(train(task, run, lr, args.seeds[0], args, device))
                 total.update()
             best = min(tried, key=lambda r: _score(r, args.select))
+            chosen[run.name] = best.lr
             for r in tried:
                 sweep.append(
                     {
@@ -335,7 +345,11 @@ def _pm(mean: float, std: float, fmt: str) -> str:
 
 def table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
     """Markdown table of the summary rows."""
-    head = ["run", "rank", "lr", "train loss"] + [f"test {m}" for m in metrics] + ["step ms", "opt ms", "opt state", "seeds"]
+    head = (
+        ["run", "rank", "lr", "train loss"]
+        + [f"test {m}" for m in metrics]
+        + ["step ms", "opt ms", "opt state", "seeds"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["run"], str(row["rank"]), f"{row['lr']:.3g}", _pm(row["train_loss"], row["train_loss_std"], ".3g")]
@@ -383,7 +397,9 @@ def plot(results: list[Result], metrics: tuple[str, ...], smooth: int, path: Pat
         if len(group) > 1:
             ax.fill_between(steps, curves.min(0).values, curves.max(0).values, color=line.get_color(), alpha=0.2)
         if with_acc:
-            points = [(s, statistics.fmean(r.evals[i][1]["acc"] for r in group)) for i, (s, _) in enumerate(group[0].evals)]
+            points = [
+                (s, statistics.fmean(r.evals[i][1]["acc"] for r in group)) for i, (s, _) in enumerate(group[0].evals)
+            ]
             axes[0, 1].plot(*zip(*points), marker="o", color=line.get_color(), label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -406,7 +422,13 @@ def write_outputs(results: list[Result], sweep: list[dict[str, Any]], args: Name
     out.mkdir(parents=True, exist_ok=True)
     per_seed = []
     for r in results:
-        row = {"run": r.run, "seed": r.seed, "rank": r.rank or "full", "lr": r.lr, "train_loss": r.train_loss(args.loss_window)}
+        row = {
+            "run": r.run,
+            "seed": r.seed,
+            "rank": r.rank or "full",
+            "lr": r.lr,
+            "train_loss": r.train_loss(args.loss_window),
+        }
         row |= {f"val_{m}": r.val[m] for m in task.metrics} | {f"test_{m}": r.test[m] for m in task.metrics}
         row |= {"step_ms": r.step_ms, "opt_ms": r.opt_ms, "state_bytes": r.state_bytes, "steps": len(r.train_losses)}
         per_seed.append(row)
@@ -450,12 +472,18 @@ def parse(argv: list[str]) -> tuple[Namespace, Path]:
     args = parser.instantiate(cfg)
     if args.steps < 1 or not args.seeds:
         raise ConfigError("steps must be positive and seeds non-empty")
-    budgets = {len(run.lrs) for run in args.runs}
+    budgets = {len(run.lr) for run in args.runs if isinstance(run.lr, list)}
     if len(budgets) > 1:
-        raise ConfigError(f"every run must sweep the same number of learning rates, got {sorted(budgets)}")
+        raise ConfigError(f"every run that sweeps must try the same number of learning rates, got {sorted(budgets)}")
+    names: set[str] = set()
     for run in args.runs:
+        if isinstance(run.lr, str) and run.lr not in names:
+            raise ConfigError(f"run {run.name!r}: lr {run.lr!r} names no earlier run")
+        names.add(run.name)
         if run.mode != "full" and (run.rank is None or run.rank < 1):
             raise ConfigError(f"run {run.name!r}: mode {run.mode} needs a positive rank")
+        if run.mode != "lowrank" and run.wrapper != WrapperOptions():
+            raise ConfigError(f"run {run.name!r}: wrapper options apply to mode lowrank only, not {run.mode}")
     if len({run.name for run in args.runs}) != len(args.runs):
         raise ConfigError("run names must be unique")
     return args, Path(args.out) if args.out else Path("runs") / config_name

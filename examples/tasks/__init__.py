@@ -34,6 +34,7 @@ class Task(ABC):
     #: Metrics reported by ``evaluate`` (``loss`` always first).
     metrics: tuple[str, ...] = ("loss",)
 
+    @abstractmethod
     def setup(self, device: torch.device) -> None:
         """Load data onto ``device``; called once before any run (may be slow)."""
 

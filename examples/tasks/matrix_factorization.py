@@ -76,7 +76,9 @@ class MatrixFactorization(Task):
     def build_model(self, seed: int, rank: int | None, alpha: float | None) -> nn.Module:
         r = self.target_rank if rank is None else rank
         if r > min(self.d_in, self.d_out):
-            raise ConfigError(f"matrix_factorization: rank {r} is larger than the {self.d_out}x{self.d_in} matrix allows")
+            raise ConfigError(
+                f"matrix_factorization: rank {r} is larger than the {self.d_out}x{self.d_in} matrix allows"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             a = nn.Linear(self.d_in, r, bias=False, dtype=torch.float64).weight.detach()  # (r, d_in)

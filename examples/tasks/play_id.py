@@ -189,10 +189,15 @@ class PlayId(Task):
         for module in _REQUIREMENTS:
             _import(module)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        transformers = _import("transformers")
+        transformers.utils.logging.disable_progress_bar()  # the runner draws its own bars
+        transformers.utils.logging.set_verbosity_error()
         self.device = device
         tokenizer = self._tokenizer()
         for split, (texts, labels) in self.texts().items():
-            enc = tokenizer(texts, max_length=self.max_length, truncation=True, padding="max_length", return_tensors="pt")
+            enc = tokenizer(
+                texts, max_length=self.max_length, truncation=True, padding="max_length", return_tensors="pt"
+            )
             self.data[split] = (
                 enc["input_ids"].to(device),  # (N, t)
                 enc["attention_mask"].to(device),  # (N, t)
@@ -228,7 +233,9 @@ class PlayId(Task):
                     f"play_id: rank {rank} is larger than layer {name} "
                     f"({module.out_features}x{module.in_features}) allows"
                 )
-        config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        config = peft.LoraConfig(
+            r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=0.0, target_modules=LORA_TARGETS
+        )
         model.encoder = peft.inject_adapter_in_model(config, model.encoder)
         for name, param in model.named_parameters():
             param.requires_grad_("lora_" in name or name.startswith("head."))
