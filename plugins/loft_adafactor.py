@@ -1,0 +1,200 @@
+r"""LoFT-Adafactor: ``torch.optim.Adafactor`` lifted to LoRA factors (MATH.md section 7).
+
+With ``X = s F g`` the full-space image of ``g = g_hat`` (r, l), ``f_i`` row ``i`` of ``F``:
+
+.. math::
+    \begin{aligned}
+    &\textbf{every step, both factors } (1 - \hat\beta_{2,t} = t^{\tau}):\\
+    &\quad R \leftarrow \mathrm{lerp}\big(R,\ s^2 f_i^\top (g g^\top) f_i / l,\ t^{\tau}\big) \ (k,)
+      \qquad K \leftarrow \mathrm{lerp}\big(K,\ s^2 g_j^\top \Gamma g_j / k,\ t^{\tau}\big) \ (l,)\\
+    &\textbf{active factor:}\quad D = \max(\mathrm{mean}(R_{orig}), \epsilon_1), \quad
+      \hat V_{ij} = \max(R_i K_j / D,\ \epsilon_1^2), \quad U = X / \sqrt{\hat V}\\
+    &\quad \alpha_t = \max(\epsilon_2, \mathrm{RMS}(W_0 + s B A))\, \min(\gamma, 1/\sqrt t)\\
+    &\quad C \leftarrow C (1 - \gamma \lambda)
+      - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U) / d)}\, \Gamma^{-1} F^\top U / s
+    \end{aligned}
+
+``R`` and ``K`` are kept in the ORIGINAL orientation as ``row_var`` (m,) and ``col_var`` (n,), and
+``D`` always averages the original rows, as torch does; they live in full space and need no
+calibration. When no clamp is active, which holds exactly when
+``min(R) min(K) / D >= eps1^2``, ``U = sqrt(D) D_R^-1/2 X D_K^-1/2`` and everything is ``r x r``:
+
+.. math::
+    \Gamma^{-1} F^\top U / s = \sqrt{D}\, \Gamma^{-1} (F^\top D_R^{-1/2} F)\, g\, D_K^{-1/2},
+    \qquad \mathrm{RMS}(U)^2 = D s^2 \textstyle\sum (F^\top D_R^{-1} F) \odot (g D_K^{-1} g^\top) / (k l)
+
+for ``O((k + l) r^2)`` and no ``(m, n)`` tensor. Otherwise ``U`` is evaluated column block by
+column block (``(k, c)`` transients, ``c k <= block_elements``), exactly as torch clamps it.
+``RMS(W0 + s B A)`` needs no ``(m, n)`` tensor either:
+``||W0||^2 + 2 s <F^T W0, C> + s^2 sum(Gamma * C C^T)`` (in canonical orientation).
+
+At full rank (``W0 = 0``, ``m = n = r``, invertible factors, one factor per step) this is
+Adafactor on ``W`` step for step.
+
+Departures from ``torch.optim.Adafactor``:
+
+* Decoupled decay multiplies the factor, which decays ``s B A`` rather than ``W`` (``W0`` is
+  frozen).
+* The base-weight terms of ``RMS(W)`` cost one ``(r, k) @ (k, l)`` product with ``W0`` per step,
+  which dominates the step for large layers. ``base_norm_every = N`` recomputes them every ``N``
+  steps and keeps them in between (``N = 1``, the default, is torch's rule). A pair without a
+  base weight uses ``RMS(s B A)``, with a warning.
+* ``eps1 = 0`` is refused: a factor that starts at zero gives zero statistics, and torch would
+  divide by them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
+from lowrank_opt.views import FactorView, coefficient_gram
+
+__all__ = ["LoFTAdafactor"]
+
+
+def row_col_mean_squares(g: Tensor, view: FactorView) -> tuple[Tensor, Tensor]:
+    """Row (k,) and column (l,) mean squares of ``X = s F g`` without forming it."""
+    s2 = view.scale**2
+    k, l = view.basis.shape[0], g.shape[1]
+    rows = s2 * ((view.basis @ (g @ g.T)) * view.basis).sum(1) / l  # (k, r) @ (r, r) -> (k, r)
+    cols = s2 * ((view.gram @ g) * g).sum(0) / k  # (r, r) @ (r, l) -> (r, l)
+    # Quadratic forms of PSD matrices: only rounding can make them negative.
+    return rows.clamp_(min=0), cols.clamp_(min=0)
+
+
+class LoFTAdafactor(CalibrationRule):
+    """LoFT-Adafactor. ``block_elements`` bounds the ``(k, c)`` transients of the clamped case;
+    ``base_norm_every`` is how often (in steps) the base weight's share of ``RMS(W)`` is refreshed."""
+
+    name = "loft_adafactor"
+    serves = (torch.optim.Adafactor,)
+
+    def __init__(self, block_elements: int = 1 << 22, base_norm_every: int = 1) -> None:
+        if not isinstance(block_elements, int) or block_elements < 1:
+            raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
+        if not isinstance(base_norm_every, int) or base_norm_every < 1:
+            raise ValueError(f"base_norm_every must be a positive integer, got {base_norm_every!r}")
+        self.block_elements = block_elements
+        self.base_norm_every = base_norm_every
+        # The (maybe negated) coefficient gradient of each factor, from observe() to update().
+        self._pending = WeakIdKeyDictionary()
+        self._warned_no_base = False
+
+    def __repr__(self) -> str:
+        return f"LoFTAdafactor(base_norm_every={self.base_norm_every})"
+
+    def check_group(self, group: Mapping[str, Any]) -> None:
+        eps1 = group["eps"][0]
+        if eps1 is not None and not eps1 > 0:
+            raise ValueError(f"loft_adafactor needs eps1 > 0 or None (the dtype's eps), got eps=({eps1!r}, ...)")
+
+    def state_kinds(self) -> Mapping[str, StateKind]:
+        kinds = ("row_var", "col_var", "base_sq_norm", "base_norm_step")
+        return dict.fromkeys(kinds, StateKind.FULL_SPACE)
+
+    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        p = view.param
+        m, n = view.full_shape
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=state_dtype(p), device=p.device)
+
+        # base_sq_norm: ||W0||^2 + 2 s <W0, B A>, refreshed at step base_norm_step (see base_norm_every).
+        return {"row_var": zeros(m), "col_var": zeros(n), "base_sq_norm": zeros(), "base_norm_step": zeros()}
+
+    def observe(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> None:
+        g = -g_hat if group.get("maximize", False) else g_hat
+        self._pending[view.param] = g
+        rows, cols = row_col_mean_squares(g, view)
+        weight = float(step) ** float(group["beta2_decay"])  # 1 - beta2_t
+        row_var, col_var = _canonical_stats(state, view)
+        row_var.lerp_(rows.to(row_var.dtype), weight)
+        col_var.lerp_(cols.to(col_var.dtype), weight)
+
+    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+        lr, wd, d = float(group["lr"]), float(group["weight_decay"]), float(group["d"])
+        eps1, eps2 = group["eps"]
+        eps1 = float(eps1) if eps1 is not None else torch.finfo(view.param.dtype).eps
+        dtype = view.gram.dtype
+        g = self._pending.pop(view.param).to(dtype)
+        alpha = max(float(eps2), self._weight_rms(state, view, step)) * min(lr, 1 / math.sqrt(step))
+
+        denom = max(state["row_var"].mean().item(), eps1)  # D: torch averages the original rows
+        rows, cols = (v.to(dtype) for v in _canonical_stats(state, view))
+        k, l = rows.shape[0], cols.shape[0]
+        lowest = (rows.min() * cols.min()).item()
+        if lowest > 0 and lowest / denom >= eps1 * eps1:
+            direction, sq_norm = _separable_update(g, view, rows, cols, denom)
+        else:
+            direction, sq_norm = self._blocked_update(g, view, rows, cols, denom, eps1)
+        clip = max(1.0, math.sqrt(sq_norm / (k * l)) / d)
+        return -lr * wd * view.coeff.to(dtype) - (alpha / clip) * direction
+
+    def _weight_rms(self, state: dict[str, Any], view: FactorView, step: int) -> float:
+        """``RMS(W0 + s B A)`` before this step, from ``r x r`` products and the base-weight terms."""
+        s = view.scale
+        coeff = view.coeff.to(view.gram.dtype)
+        sq = s * s * (view.gram * coefficient_gram(coeff)).sum()  # ||s B A||^2 = s^2 sum((B^T B) * (A A^T))
+        base = view.pair.base_weight
+        if base is None:
+            if not self._warned_no_base:
+                warnings.warn(
+                    f"loft_adafactor: {view.pair.name or 'a pair'} has no base weight; the relative step uses RMS(s B A)",
+                    stacklevel=4,
+                )
+                self._warned_no_base = True
+        else:
+            if step - int(state["base_norm_step"]) >= self.base_norm_every or int(state["base_norm_step"]) == 0:
+                w0 = view.canonical(base.detach())  # (k, l)
+                projected = view.basis.T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
+                cross = (projected.to(coeff.dtype) * coeff).sum()
+                state["base_sq_norm"].copy_(torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s * cross)
+                state["base_norm_step"].fill_(step)
+            sq = sq + state["base_sq_norm"].to(sq.dtype)
+        m, n = view.full_shape
+        return math.sqrt(max(sq.item(), 0.0) / (m * n))
+
+    def _blocked_update(
+        self, g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: float, eps1: float
+    ) -> tuple[Tensor, float]:
+        """``Gamma^-1 F^T U / s`` and ``||U||^2`` with torch's clamp, over blocks of columns."""
+        f, s = view.basis, view.scale
+        k, l = f.shape[0], g.shape[1]
+        block = max(1, min(l, self.block_elements // max(k, 1)))
+        out = torch.empty_like(g)
+        sq_norm = torch.zeros((), dtype=g.dtype, device=g.device)
+        for start in range(0, l, block):
+            part = slice(start, start + block)
+            u = torch.outer(rows, cols[part]).div_(denom).clamp_(min=eps1 * eps1).rsqrt_()  # (k, c)
+            u.mul_(f @ g[:, part]).mul_(s)  # U = X / sqrt(V_hat), X = s F g: (k, r) @ (r, c)
+            sq_norm += u.square().sum()
+            out[:, part] = f.T @ u  # (r, k) @ (k, c) -> (r, c)
+        return view.solve(out) / s, sq_norm.item()
+
+
+def _separable_update(g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: float) -> tuple[Tensor, float]:
+    """The no-clamp case: ``U = sqrt(D) D_R^-1/2 X D_K^-1/2``, in ``r x r`` algebra only."""
+    f, s = view.basis, view.scale
+    inv_rows, inv_cols = rows.reciprocal(), cols.reciprocal()
+    weighted = f.T @ (inv_rows.sqrt()[:, None] * f)  # F^T D_R^-1/2 F: (r, k) @ (k, r)
+    direction = math.sqrt(denom) * view.solve(weighted @ g) * inv_cols.sqrt()
+    row_quad = f.T @ (inv_rows[:, None] * f)  # F^T D_R^-1 F
+    col_quad = (g * inv_cols) @ g.T  # g D_K^-1 g^T: (r, l) @ (l, r)
+    sq_norm = denom * s * s * (row_quad * col_quad).sum().item()
+    return direction, sq_norm
+
+
+def _canonical_stats(state: dict[str, Any], view: FactorView) -> tuple[Tensor, Tensor]:
+    """``row_var`` and ``col_var`` as statistics of the canonical rows (k,) and columns (l,)."""
+    rows, cols = state["row_var"], state["col_var"]
+    return (cols, rows) if view.transposed else (rows, cols)
