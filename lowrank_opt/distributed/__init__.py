@@ -1,0 +1,76 @@
+"""Distributed state handling on ``torch.distributed``: three modes, one wrapper.
+
+* :class:`Replicated` (default; a single process or DDP): every rank computes the same step.
+* :class:`PairSharded` (ZeRO-1 style): each LoRA pair is owned, whole, by one rank.
+* :class:`FSDP2` (chosen automatically when the factors are DTensors from ``fully_shard``).
+
+Pass one as ``LowRankWrapper(..., distributed=...)``. Checkpoints go through
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` and ``torch.distributed.checkpoint.save`` / ``load`` in every
+mode. See ``docs/distributed.md`` for memory and communication costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from ..pairs import LoRAPair
+from .fsdp import FSDP2
+from .sharded import PairSharded, assign_pairs, pair_costs
+from .strategy import DistributedStrategy, Replicated, state_bytes
+
+__all__ = [
+    "DistributedStrategy",
+    "FSDP2",
+    "PairSharded",
+    "Replicated",
+    "assign_pairs",
+    "default_strategy",
+    "init_base_state",
+    "pair_costs",
+    "state_bytes",
+]
+
+
+def default_strategy(pairs: Iterable[LoRAPair]) -> DistributedStrategy:
+    """:class:`FSDP2` when any factor is a DTensor, else :class:`Replicated`."""
+    if any(isinstance(f, DTensor) for pair in pairs for f in (pair.a, pair.b)):
+        return FSDP2()
+    return Replicated()
+
+
+@torch.no_grad()
+def init_base_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the base optimizer's state for trainable parameters that have none yet.
+
+    The LoRA factors' state exists from the wrapper's construction, but the base optimizer creates
+    the state of other parameters (heads, norms) at their first step. A checkpoint is loaded into
+    the state dict of a freshly built optimizer, so with ``strict=True`` those entries must exist
+    first: call this before ``get_optimizer_state_dict`` when resuming. It runs the base optimizer
+    once with zero gradients and ``lr = 0`` on those parameters only (what
+    ``torch.distributed.checkpoint`` does for an optimizer with no state at all); the values it
+    leaves are overwritten by the load.
+    """
+    base = getattr(optimizer, "base", optimizer)
+    factors = {f for pair in getattr(optimizer, "pairs", ()) for f in (pair.a, pair.b)}
+    params = [p for group in base.param_groups for p in group["params"]]
+    missing = {p for p in params if p.requires_grad and not base.state.get(p) and p not in factors}
+    if not missing:
+        return
+    stashed: dict[Tensor, Tensor | None] = {p: p.grad for p in params}
+    lrs = [group["lr"] for group in base.param_groups]
+    try:
+        for p in stashed:
+            p.grad = torch.zeros_like(p) if p in missing else None
+        for group in base.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
+        base.step()
+    finally:
+        for group, lr in zip(base.param_groups, lrs):
+            group["lr"] = lr
+        for p, grad in stashed.items():
+            p.grad = grad
