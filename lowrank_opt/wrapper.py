@@ -19,12 +19,14 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .distributed import DistributedStrategy, default_strategy
 from .linalg import damped_cholesky, transport
 from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
@@ -38,7 +40,7 @@ STATE_VERSION = 1
 VERSION_KEY = "lowrank_opt_version"
 STEP_KEY = "lowrank_step"  # steps this pair has taken (float32 scalar, on both factors)
 BASIS_GRAM_KEY = "lowrank_basis_gram"  # C C^T of this factor: its partner's Gram, to detect outside changes
-_WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
+_WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)  # kept by every rank, whichever rank owns the pair
 
 
 def _other(side: Side) -> Side:
@@ -76,6 +78,10 @@ class LowRankWrapper(Optimizer):
         project_update: build the update in full space and project it back (rules may refuse off).
         max_grad_norm: clip the total full-space gradient norm to this value inside ``step()``.
         full_space_clip: measure clipping norms in full space (``False``: on raw factor gradients).
+        distributed: how ranks share the work (:mod:`lowrank_opt.distributed`): ``None`` picks
+            :class:`~lowrank_opt.distributed.FSDP2` for DTensor factors, else
+            :class:`~lowrank_opt.distributed.Replicated` (a single process or DDP);
+            :class:`~lowrank_opt.distributed.PairSharded` gives each pair to one rank.
 
     Departures from the dense optimizer are stated by each rule; weight decay on a factor decays
     ``s B A`` (``W0`` is frozen), not ``W``.
@@ -96,6 +102,7 @@ class LowRankWrapper(Optimizer):
         project_update: bool = True,
         max_grad_norm: float | None = None,
         full_space_clip: bool = True,
+        distributed: DistributedStrategy | None = None,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
             raise ValueError(f"base_optimizer must be a built torch.optim.Optimizer, got {type(base_optimizer).__name__}")
@@ -120,6 +127,10 @@ class LowRankWrapper(Optimizer):
                     raise ValueError(f"{_label(pair, i)}: factor {side} is not in the base optimizer's param_groups")
         self._factors = {factor for pair in self.pairs for factor in (pair.a, pair.b)}
         self._views: list[tuple[FactorView, FactorView]] | None = None
+        if distributed is not None and not isinstance(distributed, DistributedStrategy):
+            raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
+        self.distributed = distributed if distributed is not None else default_strategy(self.pairs)
+        self.distributed.bind(self)
 
         # torch.optim.Optimizer bookkeeping; param_groups and state stay the base optimizer's.
         self.defaults = base_optimizer.defaults
@@ -161,17 +172,39 @@ class LowRankWrapper(Optimizer):
         return {p: group for group in self.param_groups for p in group["params"]}
 
     def _init_state(self) -> None:
-        """Create every factor's state now, so a checkpoint has an entry per factor before step 1."""
-        groups = self._group_of()
-        for pair in self.pairs:
-            for view in (build_view(pair, "a"), build_view(pair, "b")):
-                state = self.state[view.param]
-                if state:
-                    continue
-                if not self.rule.uses_base_step:
-                    state.update(self.rule.init_state(view, groups[view.param]))
-                state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
-                state[BASIS_GRAM_KEY] = coefficient_gram(view.coeff)
+        """Create every factor's state now, so a checkpoint has an entry per factor before step 1.
+
+        Statistics only where this rank owns the pair; counters and basis Grams everywhere."""
+        with self.distributed.gathered(self):
+            groups = self._group_of()
+            for i, pair in enumerate(self.pairs):
+                for view in (build_view(pair, "a"), build_view(pair, "b")):
+                    state = self.state[view.param]
+                    if state:
+                        continue
+                    if self.distributed.owns(i) and not self.rule.uses_base_step:
+                        state.update(self.rule.init_state(view, groups[view.param]))
+                    state[STEP_KEY] = torch.zeros((), dtype=torch.float32)
+                    state[BASIS_GRAM_KEY] = coefficient_gram(view.coeff)
+
+    def _swap_factors(self, mapping: dict[Tensor, Tensor]) -> None:
+        """Put ``mapping[f]`` in place of factor (or base weight) ``f`` in the pairs, the param groups and the state.
+
+        How :class:`~lowrank_opt.distributed.FSDP2` runs a step on gathered, whole factors; the
+        inverse mapping puts the originals back."""
+        if not mapping:
+            return
+        self.pairs = [
+            replace(pair, a=mapping.get(pair.a, pair.a), b=mapping.get(pair.b, pair.b), base_weight=mapping.get(pair.base_weight, pair.base_weight))
+            for pair in self.pairs
+        ]
+        for group in self.param_groups:
+            group["params"] = [mapping.get(p, p) for p in group["params"]]
+        for old, new in mapping.items():
+            if old in self.state:
+                self.state[new] = self.state.pop(old)
+        self._factors = {factor for pair in self.pairs for factor in (pair.a, pair.b)}
+        self._views = None
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, with the factors' statistics and counters, versioned."""
@@ -199,6 +232,7 @@ class LowRankWrapper(Optimizer):
         }
         saved_state = state_dict["state"]
         factor_ids = {saved_id for saved_id, p in id_map.items() if p in self._factors}
+        pair_of = {factor: i for i, pair in enumerate(self.pairs) for factor in (pair.a, pair.b)}
         for i, pair in enumerate(self.pairs):
             self._check_saved_pair(i, pair, saved_state, id_map)
 
@@ -208,6 +242,8 @@ class LowRankWrapper(Optimizer):
             p = id_map[saved_id]
             entry = {key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value for key, value in saved_state[saved_id].items()}
             entry[STEP_KEY] = entry[STEP_KEY].to(device="cpu", dtype=torch.float32)
+            if not self.distributed.owns(pair_of[p]):
+                entry = {key: entry[key] for key in _WRAPPER_KEYS}
             self.state[p] = entry
         self._views = None
 
@@ -245,16 +281,27 @@ class LowRankWrapper(Optimizer):
         self._views = views
         return views
 
-    def _coefficient_grads(self, views: list[tuple[FactorView, FactorView]]) -> dict[int, dict[Side, Tensor]]:
-        grads: dict[int, dict[Side, Tensor]] = {}
-        for i, (pair, pair_views) in enumerate(zip(self.pairs, views)):
+    def _stepping_pairs(self) -> list[int]:
+        """Indices of the pairs with gradients; a pair has gradients on both factors or on neither."""
+        stepping = []
+        for i, pair in enumerate(self.pairs):
             if pair.a.grad is None and pair.b.grad is None:
                 continue
             if pair.a.grad is None or pair.b.grad is None:
                 missing = "a" if pair.a.grad is None else "b"
                 raise ValueError(f"{_label(pair, i)}: factor {missing} has no gradient while its partner has one")
+            stepping.append(i)
+        return stepping
+
+    def _coefficient_grads(self, views: list[tuple[FactorView, FactorView]], stepping: list[int]) -> dict[int, dict[Side, Tensor]]:
+        """``g_hat`` of both factors of every stepping pair that this rank owns."""
+        grads: dict[int, dict[Side, Tensor]] = {}
+        for i in stepping:
+            if not self.distributed.owns(i):
+                continue
+            pair = self.pairs[i]
             grads[i] = {}
-            for view in pair_views:
+            for view in views[i]:
                 grad = view.param.grad
                 assert grad is not None
                 if grad.shape != view.param.shape:
@@ -276,7 +323,7 @@ class LowRankWrapper(Optimizer):
         cannot be re-based without the old factor, so they are reset with a warning.
         """
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = [torch.isfinite(g).all() for g in grads]
+        finite = self.distributed.finite_flags(grads)
         changed = []
         for pair_views in views:
             for view in pair_views:
@@ -331,7 +378,8 @@ class LowRankWrapper(Optimizer):
             .cpu()
             for i in grads
         ]
-        squares += [p.grad.double().pow(2).sum().cpu() for p in others]
+        squares = self.distributed.reduce_squares(squares)
+        squares += self.distributed.squared_norms([p.grad for p in others])
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
 
     def _clip(self, max_norm: float, views, grads) -> Tensor:
@@ -354,13 +402,14 @@ class LowRankWrapper(Optimizer):
         """
         if not (isinstance(max_norm, (int, float)) and 0 < max_norm < math.inf):
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        with torch.no_grad():
+        with torch.no_grad(), self.distributed.gathered(self):
             views = self._take_views()
-            grads = self._coefficient_grads(views)
+            stepping = self._stepping_pairs()
+            grads = self._coefficient_grads(views, stepping)
             others = self._other_params()
             total = self._total_norm(views, grads, others)
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for i in grads:
+            for i in stepping:
                 for factor in (self.pairs[i].a, self.pairs[i].b):
                     factor.grad.mul_(coef.to(factor.grad.device, factor.grad.dtype))  # type: ignore[union-attr]
             for p in others:
@@ -374,28 +423,42 @@ class LowRankWrapper(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        views = self._take_views()
-        try:
-            self._check_inputs(views)
-            grads = self._coefficient_grads(views)
-            if self.max_grad_norm is not None:
-                self._clip(self.max_grad_norm, views, grads)
-            groups = self._group_of()
-            delegated: list[tuple[int, tuple[Side, ...]]] = []
-            for i, pair_grads in grads.items():
-                pair = self.pairs[i]
-                done = int(self.state[pair.a][STEP_KEY])
-                active = self.schedule.active(done)
-                for factor in (pair.a, pair.b):
-                    self.state[factor][STEP_KEY] += 1
-                if self.rule.uses_base_step:
-                    delegated.append((i, active))
-                else:
-                    self._step_pair(views[i], pair_grads, active, done + 1, groups)
-            self._step_base(views, grads, delegated)
-        finally:
-            self._views = None
+        with self.distributed.gathered(self):
+            views = self._take_views()
+            try:
+                self._check_inputs(views)
+                stepping = self._stepping_pairs()
+                grads = self._coefficient_grads(views, stepping)
+                if self.max_grad_norm is not None:
+                    self._clip(self.max_grad_norm, views, grads)
+                groups = self._group_of()
+                delegated: list[tuple[int, tuple[Side, ...]]] = []
+                moved: list[tuple[int, FactorView]] = []
+                for i in stepping:
+                    pair = self.pairs[i]
+                    done = int(self.state[pair.a][STEP_KEY])
+                    active = self.schedule.active(done)
+                    for factor in (pair.a, pair.b):
+                        self.state[factor][STEP_KEY] += 1
+                    moved += [(i, views[i][0 if side == "a" else 1]) for side in active]
+                    if not self.distributed.owns(i):
+                        continue
+                    if self.rule.uses_base_step:
+                        delegated.append((i, active))
+                    else:
+                        self._step_pair(views[i], grads[i], active, done + 1, groups)
+                self._step_base(views, grads, delegated)
+                self._synchronize(moved)
+            finally:
+                self._views = None
         return loss
+
+    def _synchronize(self, moved: list[tuple[int, FactorView]]) -> None:
+        """Every rank gets the factors that moved; ranks that did not step a pair record its new Gram."""
+        self.distributed.synchronize([(i, view.param) for i, view in moved])
+        for i, view in moved:
+            if not self.distributed.owns(i):
+                self.state[view.param][BASIS_GRAM_KEY] = coefficient_gram(view.coeff)
 
     def _step_pair(self, views: tuple[FactorView, FactorView], grads: dict[Side, Tensor], active: tuple[Side, ...], step: int, groups) -> None:
         by_side = {view.side: view for view in views}
