@@ -138,7 +138,8 @@ class LoFTAdafactor(CalibrationRule):
         else:
             direction, sq_norm = self._blocked_update(g, view, rows, cols, denom, eps1)
         clip = max(1.0, math.sqrt(sq_norm / (k * l)) / d)
-        return -lr * wd * view.coeff.to(dtype) - (alpha / clip) * direction
+        delta = direction.mul_(-alpha / clip)
+        return delta.sub_(view.coeff.to(dtype), alpha=lr * wd) if wd else delta
 
     def _weight_rms(self, state: dict[str, Any], view: FactorView, step: int) -> float:
         """``RMS(W0 + s B A)`` before this step, from ``r x r`` products and the base-weight terms."""
@@ -186,8 +187,8 @@ def _separable_update(g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, d
     """The no-clamp case: ``U = sqrt(D) D_R^-1/2 X D_K^-1/2``, in ``r x r`` algebra only."""
     f, s = view.basis, view.scale
     inv_rows, inv_cols = rows.reciprocal(), cols.reciprocal()
-    weighted = f.T @ (inv_rows.sqrt()[:, None] * f)  # F^T D_R^-1/2 F: (r, k) @ (k, r)
-    direction = math.sqrt(denom) * view.solve(weighted @ g) * inv_cols.sqrt()
+    weighted = view.solve(f.T @ (inv_rows.sqrt()[:, None] * f))  # Gamma^-1 F^T D_R^-1/2 F: (r, k) @ (k, r)
+    direction = (math.sqrt(denom) * weighted) @ g * inv_cols.sqrt()  # (r, r) @ (r, l)
     row_quad = f.T @ (inv_rows[:, None] * f)  # F^T D_R^-1 F
     col_quad = (g * inv_cols) @ g.T  # g D_K^-1 g^T: (r, l) @ (l, r)
     sq_norm = denom * s * s * (row_quad * col_quad).sum().item()
