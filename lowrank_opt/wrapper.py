@@ -180,7 +180,7 @@ class LowRankWrapper(Optimizer):
             for i, pair in enumerate(self.pairs):
                 for view in (build_view(pair, "a"), build_view(pair, "b")):
                     state = self.state[view.param]
-                    if state:
+                    if STEP_KEY in state:  # loaded; a base optimizer may also fill its own state eagerly (Adagrad)
                         continue
                     if self.distributed.owns(i) and not self.rule.uses_base_step:
                         state.update(self.rule.init_state(view, groups[view.param]))
