@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
+from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
 from lowrank_opt.views import FactorView, coefficient_gram
 
 __all__ = ["LoFTAdafactor"]
@@ -90,6 +90,11 @@ class LoFTAdafactor(CalibrationRule):
 
     def __repr__(self) -> str:
         return f"LoFTAdafactor(base_norm_every={self.base_norm_every})"
+
+    def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
+        super().bind(base_optimizer, switches)
+        if not switches.project_update:
+            raise ValueError("loft_adafactor is defined by its full-space update; project_update=False is not supported")
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         eps1 = group["eps"][0]

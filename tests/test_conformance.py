@@ -147,3 +147,10 @@ def test_full_rank_equivalence(row):
         lowrank = lowrank_trajectory(pair, loss, opt, 50)
     dense = dense_trajectory(w0, loss, row.dense, 50)
     assert max_rel_error(lowrank, dense) < 1e-9
+
+
+@pytest.mark.parametrize("rule, make", [("loft_adafactor", _adafactor), ("loft_muon", _muon), ("generic", _sgd)])
+def test_project_update_off_is_refused_where_the_rule_has_no_coefficient_form(rule, make):
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="project_update=False"):
+        lo.LowRankWrapper(make([p for p in model.parameters() if p.requires_grad]), model, rule=rule, project_update=False)
