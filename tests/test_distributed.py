@@ -88,7 +88,7 @@ def _load(net, opt, path: Path) -> None:
     """The documented resume: fresh model and optimizer, base state materialised, strict load."""
     lo.distributed.init_base_state(opt)
     state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_model_state_dict(net, state["model"])
     set_optimizer_state_dict(net, opt, state["optim"])
 
@@ -121,6 +121,18 @@ def _checkpoint_worker(rank: int, world: int, directory: str) -> dict:
     _load(net, opt, root / "fsdp2")
     train(net, opt, range(STEPS + 5, 2 * STEPS), rank, world)
     out["fsdp2->replicated"] = max_diff(full_params(net), reference)
+
+    if "generic" in rules():  # its factors' state is the base optimizer's, created at the first step
+        net, opt = build("generic", "single")
+        train(net, opt, range(2 * STEPS), micro_batches=world)
+        reference = full_params(net)
+        net, opt = build("generic", "sharded")
+        train(net, opt, range(STEPS), rank, world)
+        _save(net, opt, root / "generic")
+        net, opt = build("generic", "fsdp2")
+        _load(net, opt, root / "generic")
+        train(net, opt, range(STEPS, 2 * STEPS), rank, world)
+        out["generic sharded->fsdp2"] = max_diff(full_params(net), reference)
     return out
 
 

@@ -47,18 +47,29 @@ def default_strategy(pairs: Iterable[LoRAPair]) -> DistributedStrategy:
 def init_base_state(optimizer: torch.optim.Optimizer) -> None:
     """Create the base optimizer's state for trainable parameters that have none yet.
 
-    The LoRA factors' state exists from the wrapper's construction, but the base optimizer creates
-    the state of other parameters (heads, norms) at their first step. A checkpoint is loaded into
-    the state dict of a freshly built optimizer, so with ``strict=True`` those entries must exist
-    first: call this before ``get_optimizer_state_dict`` when resuming. It runs the base optimizer
-    once with zero gradients and ``lr = 0`` on those parameters only (what
-    ``torch.distributed.checkpoint`` does for an optimizer with no state at all); the values it
-    leaves are overwritten by the load.
+    The wrapper creates its rules' state eagerly, but the base optimizer creates the state of
+    other parameters (heads, norms), and of the factors under a rule that delegates to its
+    ``step()`` (the generic rule), at their first step. A checkpoint is loaded into the state dict
+    of a freshly built optimizer, so those entries must exist first or DCP has nowhere to load
+    them (and ``strict=True`` refuses): call this before ``get_optimizer_state_dict`` when
+    resuming. It runs the base optimizer once with zero gradients and ``lr = 0`` on those
+    parameters only (what ``torch.distributed.checkpoint`` does for an optimizer with no state at
+    all); the load then overwrites the values.
     """
-    base = getattr(optimizer, "base", optimizer)
-    factors = {f for pair in getattr(optimizer, "pairs", ()) for f in (pair.a, pair.b)}
+    from ..wrapper import _WRAPPER_KEYS, LowRankWrapper
+
+    base = optimizer.base if isinstance(optimizer, LowRankWrapper) else optimizer
     params = [p for group in base.param_groups for p in group["params"]]
-    missing = {p for p in params if p.requires_grad and not base.state.get(p) and p not in factors}
+    missing = {p for p in params if p.requires_grad and not base.state.get(p)}
+    hidden: dict[Tensor, dict[str, Tensor]] = {}
+    if isinstance(optimizer, LowRankWrapper):
+        for i, pair in enumerate(optimizer.pairs):
+            for factor in (pair.a, pair.b):
+                missing.discard(factor)
+                state = base.state.get(factor, {})
+                if optimizer.rule.uses_base_step and optimizer.distributed.owns(i) and set(state) <= set(_WRAPPER_KEYS):
+                    missing.add(factor)
+                    hidden[factor] = {key: state.pop(key) for key in list(state)}  # the base initialises empty state only
     if not missing:
         return
     stashed: dict[Tensor, Tensor | None] = {p: p.grad for p in params}
@@ -74,3 +85,5 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = lr
         for p, grad in stashed.items():
             p.grad = grad
+        for factor, keys in hidden.items():
+            base.state[factor].update(keys)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -64,33 +64,33 @@ class FSDP2(DistributedStrategy):
     def gathered(self, wrapper: LowRankWrapper) -> Iterator[None]:
         from ..wrapper import _WRAPPER_KEYS
 
-        shadows: dict[Tensor, Tensor] = {}
+        shadows: dict[DTensor, Tensor] = {}
         gather_bases = getattr(wrapper.rule, "reads_base_weight", True)
         for pair in wrapper.pairs:
             if gather_bases and isinstance(pair.base_weight, DTensor):
-                shadows[pair.base_weight] = pair.base_weight.detach().full_tensor()
+                shadows[pair.base_weight] = pair.base_weight.detach().full_tensor()  # type: ignore[attr-defined]
             for factor in (pair.a, pair.b):
                 if not isinstance(factor, DTensor):
                     continue
-                shadow = nn.Parameter(factor.detach().full_tensor())
-                if factor.grad is not None:
+                shadow = nn.Parameter(factor.detach().full_tensor())  # type: ignore[attr-defined]
+                if isinstance(factor.grad, DTensor):
                     shadow.grad = factor.grad.full_tensor()
                 shadows[factor] = shadow
                 entry = wrapper.state.get(factor)
                 if entry:
                     wrapper.state[factor] = {key: _full(value) for key, value in entry.items()}
-        wrapper._swap_factors(shadows)
+        wrapper._swap_factors(cast("dict[Tensor, Tensor]", shadows))  # keys are DTensors
         try:
             yield
         finally:
-            wrapper._swap_factors({shadow: factor for factor, shadow in shadows.items()})
+            wrapper._swap_factors({gathered: factor for factor, gathered in shadows.items()})
             with torch.no_grad():
-                for factor, shadow in shadows.items():
+                for factor, gathered in shadows.items():
                     if not factor.requires_grad:
                         continue  # a frozen base weight: nothing to write back
-                    factor.to_local().copy_(_shard(shadow.detach(), factor))
-                    if factor.grad is not None and shadow.grad is not None:
-                        factor.grad.to_local().copy_(_shard(shadow.grad, factor))
+                    factor.to_local().copy_(_shard(gathered.detach(), factor))
+                    if isinstance(factor.grad, DTensor) and gathered.grad is not None:
+                        factor.grad.to_local().copy_(_shard(gathered.grad, factor))
                     entry = wrapper.state.get(factor)
                     if entry:
                         wrapper.state[factor] = {

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
-from ..views import build_view
+from ..views import Side, build_view
 from .strategy import DistributedStrategy
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ def pair_costs(pairs: Sequence[LoRAPair], rule: CalibrationRule, groups: dict[Te
     for pair in pairs:
         meta = LoRAPair(pair.a.detach().to("meta"), pair.b.detach().to("meta"), pair.scale)
         total = 0
-        for side, factor in (("a", pair.a), ("b", pair.b)):
+        sides: tuple[tuple[Side, Tensor], ...] = (("a", pair.a), ("b", pair.b))
+        for side, factor in sides:
             if rule.uses_base_step:
                 total += 2 * factor.numel() * 4
             else:
