@@ -89,6 +89,7 @@ METHODS: dict[str, tuple[str, Callable[..., Case]]] = {
     "adafactor-dense": ("", _dense(_adafactor)),
     "adafactor-lora": ("", _factors(_adafactor)),
     "loft-adafactor": ("loft_adafactor", _lifted(_adafactor, "loft_adafactor")),
+    "loft-adafactor-norm16": ("loft_adafactor", _lifted(_adafactor, "loft_adafactor", base_norm_every=16)),
     "muon-dense": ("", _dense(_muon)),
     "muon-lora": ("", _factors(_muon)),
     "loft-muon": ("loft_muon", _lifted(_muon, "loft_muon")),
@@ -207,11 +208,12 @@ def main(
     torch_dtype = getattr(torch, dtype)
     rows = []
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} repeats={repeats} (median)\n")
-    print("| method | m = n | r | step ms | x dense | peak extra MiB | state MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | m = n | r | step ms | x dense | x plain LoRA | peak extra MiB | state MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for size in sizes:
         for r in ranks:
             dense_ms: dict[str, float] = {}
+            lora_ms: dict[str, float] = {}
             for name in chosen:
                 family = name.split("-")[0] if not name.startswith("loft-") else name.split("-")[1]
                 case = METHODS[name][1](size, size, r, device, torch_dtype)
@@ -219,7 +221,10 @@ def main(
                 ms = seconds * 1e3
                 if name.endswith("-dense"):
                     dense_ms[family] = ms
+                if name.endswith("-lora"):
+                    lora_ms[family] = ms
                 ratio = f"{ms / dense_ms[family]:.3f}" if family in dense_ms else "-"
+                lora_ratio = f"{ms / lora_ms[family]:.2f}" if family in lora_ms and name.startswith("loft-") else "-"
                 row = {
                     "method": name,
                     "size": size,
@@ -230,7 +235,7 @@ def main(
                 }
                 rows.append(row)
                 print(
-                    f"| {name} | {size} | {r} | {ms:.2f} | {ratio} | {peak / 2**20:.1f} | {state / 2**20:.2f} |",
+                    f"| {name} | {size} | {r} | {ms:.2f} | {ratio} | {lora_ratio} | {peak / 2**20:.1f} | {state / 2**20:.2f} |",
                     flush=True,
                 )
                 del case
