@@ -89,6 +89,8 @@ class CalibrationRule:
     name: ClassVar[str] = ""
     serves: ClassVar[tuple[type[Optimizer], ...]] = ()
     uses_base_step: ClassVar[bool] = False
+    # Whether the rule reads ``pair.base_weight`` (W0); sharded strategies gather it only then.
+    reads_base_weight: ClassVar[bool] = True
 
     switches: Switches = Switches()
 

@@ -98,6 +98,7 @@ class GenericRule(CalibrationRule):
     """The base optimizer's own ``step()`` on ``g_hat``, its state re-based by declaration."""
 
     name = "generic"
+    reads_base_weight = False
     uses_base_step = True
 
     def __init__(self) -> None:

@@ -55,6 +55,7 @@ class LoFTAdamW(CalibrationRule):
     ``block_elements`` bounds the ``(k, c)`` transients of the exact evaluation."""
 
     name = "loft_adamw"
+    reads_base_weight = False
     serves = (torch.optim.AdamW, torch.optim.Adam)
 
     def __init__(self, second_moment: Literal["exact", "factored", "diagonal"] = "exact", block_elements: int = 1 << 22) -> None:

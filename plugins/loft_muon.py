@@ -113,6 +113,7 @@ class LoFTMuon(CalibrationRule):
     Newton-Schulz iteration; torch runs it in bfloat16."""
 
     name = "loft_muon"
+    reads_base_weight = False
     serves = (torch.optim.Muon,)
 
     def __init__(self, ns_dtype: str = "bfloat16") -> None:

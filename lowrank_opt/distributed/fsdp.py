@@ -65,7 +65,7 @@ class FSDP2(DistributedStrategy):
         from ..wrapper import _WRAPPER_KEYS
 
         shadows: dict[DTensor, Tensor] = {}
-        gather_bases = getattr(wrapper.rule, "reads_base_weight", True)
+        gather_bases = wrapper.rule.reads_base_weight
         for pair in wrapper.pairs:
             if gather_bases and isinstance(pair.base_weight, DTensor):
                 shadows[pair.base_weight] = pair.base_weight.detach().full_tensor()  # type: ignore[attr-defined]
