@@ -31,6 +31,8 @@ root instead of ``eps`` outside it (that is what keeps it separable); ``amsgrad`
 ``maximize`` are not supported; ``torch.optim.Adam`` is served only without weight decay (its
 decay is an L2 term, not a decoupled one). With ``project_update=False`` the update is Adam in
 coefficient space, ``M / (sqrt(diag Q) + eps)``, the ablation without full-space reconstruction.
+In ``exact`` mode ``V`` is floored at the Cauchy-Schwarz bound of Adam's moments (see
+``_second_moment_floor``): a float32 safeguard that exact arithmetic never triggers.
 """
 
 from __future__ import annotations
@@ -138,8 +140,14 @@ class LoFTAdamW(CalibrationRule):
         elif self.second_moment == "factored":
             direction = self._factored_direction(state, view, m_hat, bc2)
         else:
-            direction = self._projected_direction(state, view, m_hat, bc2, eps)
+            floor = _second_moment_floor(beta1, beta2, step) if self._bound_holds() else None
+            direction = self._projected_direction(state, view, m_hat, bc2, eps, floor)
         return -lr * wd * view.coeff.to(dtype) - lr * direction
+
+    def _bound_holds(self) -> bool:
+        """The Cauchy-Schwarz floor is a theorem only when ``M`` and ``Q`` move with the same ``T``."""
+        sw = self.switches
+        return self.second_moment == "exact" and sw.calibrate_first_moment == sw.calibrate_second_moment
 
     def _coefficient_second_moment(self, state: dict[str, Any], view: FactorView) -> Tensor:
         """``diag(Q_j)`` (exact) or ``v`` (diagonal) as ``(r, l)``."""
@@ -151,8 +159,13 @@ class LoFTAdamW(CalibrationRule):
             return state["exp_avg_sq"][:, diagonal].T.to(dtype)
         return view.canonical(state["exp_avg_sq"]).to(dtype)
 
-    def _projected_direction(self, state: dict[str, Any], view: FactorView, m_hat: Tensor, bc2: float, eps: float) -> Tensor:
-        """``Gamma^-1 F^T U / s`` with ``U = s F M_hat / (sqrt(s^2 V / bc2) + eps)``, column block by block."""
+    def _projected_direction(
+        self, state: dict[str, Any], view: FactorView, m_hat: Tensor, bc2: float, eps: float, floor: float | None
+    ) -> Tensor:
+        """``Gamma^-1 F^T U / s`` with ``U = s F M_hat / (sqrt(s^2 V / bc2) + eps)``, column block by block.
+
+        With ``floor``, ``V / bc2`` is raised to ``floor * (f_i^T M_hat_j)^2`` where it falls below:
+        see :func:`_second_moment_floor`."""
         f, s = view.basis, view.scale
         if self.second_moment == "exact":
             rows = quadratic_form_rows(f, triu_indices(f.shape[1], f.device))  # (k, P)
@@ -165,9 +178,12 @@ class LoFTAdamW(CalibrationRule):
         out = torch.empty_like(m_hat)
         for start in range(0, l, block):
             cols = slice(start, start + block)
-            denom = rows @ stats[cols].T.to(rows.dtype)  # (k, q) @ (q, c) -> (k, c)
-            denom.clamp_(min=0).div_(bc2).sqrt_().mul_(s).add_(eps)
-            u = (f @ m_hat[:, cols]).mul_(s).div_(denom)  # (k, r) @ (r, c) -> (k, c)
+            first = f @ m_hat[:, cols]  # (k, r) @ (r, c) -> (k, c)
+            denom = (rows @ stats[cols].T.to(rows.dtype)).div_(bc2)  # (k, q) @ (q, c) -> (k, c)
+            if floor is not None:
+                torch.maximum(denom, first.square().mul_(floor), out=denom)
+            denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
+            u = first.mul_(s).div_(denom)
             out[:, cols] = f.T @ u  # (r, k) @ (k, c) -> (r, c)
         return view.solve(out) / s
 
@@ -180,6 +196,23 @@ class LoFTAdamW(CalibrationRule):
         b = k_hat.rsqrt()  # (l,)
         weighted = view.basis.T @ (a[:, None] * view.basis)  # (r, k) @ (k, r) -> (r, r)
         return view.solve(weighted @ m_hat) * b
+
+
+def _second_moment_floor(beta1: float, beta2: float, step: int) -> float | None:
+    """``c`` with ``V_hat >= c M_hat^2`` entry by entry, a theorem of Adam's moments.
+
+    By Cauchy-Schwarz over the past gradients, ``(f^T M)^2 <= K_t f^T Q f`` with
+    ``K_t = (1 - b1)^2 / (1 - b2) * sum_{u < t} (b1^2 / b2)^u``, so after bias correction
+    ``V_hat >= M_hat^2 (1 - b1^t)^2 / (K_t (1 - b2^t))``. Exact arithmetic never needs it, but in
+    float32 the quadratic form ``f_i^T Q_j f_i`` cancels where ``f_i^T g_j`` nearly vanishes and can
+    round to zero, which would make ``U`` as large as ``M / eps`` (hundreds of times AdamW's bound).
+    """
+    if beta2 <= 0.0:
+        return None
+    rho = beta1 * beta1 / beta2
+    partial = step if rho == 1.0 else (1.0 - rho**step) / (1.0 - rho)
+    k_t = (1.0 - beta1) ** 2 / (1.0 - beta2) * partial
+    return (1.0 - beta1**step) ** 2 / (k_t * (1.0 - beta2**step))
 
 
 def _factored_stats(state: dict[str, Any], view: FactorView) -> tuple[Tensor, Tensor]:
