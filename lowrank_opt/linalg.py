@@ -48,7 +48,9 @@ def damped_cholesky(gram: Tensor) -> Tensor:
     info = torch.finfo(gram.dtype)
     damping = 10.0 * info.eps * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / r + info.tiny**0.5
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + damping[..., None, None] * eye)
+    # cholesky_ex: the damped Gram is positive definite by construction, and the plain call would
+    # wait for the device to report success.
+    return torch.linalg.cholesky_ex(gram + damping[..., None, None] * eye).L
 
 
 def cholesky_solve(chol: Tensor, rhs: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._sync import to_host
 from .distributed import DistributedStrategy, default_strategy
 from .linalg import damped_cholesky, transport
 from .pairs import LoRAPair, find_lora_pairs
@@ -330,7 +331,7 @@ class LowRankWrapper(Optimizer):
                 stored = self.state[view.partner][BASIS_GRAM_KEY]
                 tol = 100 * torch.finfo(view.gram.dtype).eps
                 changed.append((view.gram - stored).norm() > tol * stored.norm() + torch.finfo(view.gram.dtype).tiny)
-        flags = torch.stack([f.cpu() for f in finite] + [c.cpu() for c in changed]).tolist() if finite or changed else []
+        flags = [bool(flag) for flag in to_host(finite + changed, torch.bool)]
         for ok, grad in zip(flags[: len(finite)], grads):
             if not ok:
                 raise ValueError(f"non-finite gradient in {self._describe(grad)}; no state was changed")
@@ -374,11 +375,9 @@ class LowRankWrapper(Optimizer):
     def _total_norm(self, views, grads, others) -> Tensor:
         squares = [
             self._pair_sq_norm(views[i], grads[i], self.schedule.active(int(self.state[self.pairs[i].a][STEP_KEY])))
-            .to(torch.float64)
-            .cpu()
             for i in grads
         ]
-        squares = self.distributed.reduce_squares(squares)
+        squares = self.distributed.reduce_squares(to_host(squares, torch.float64))
         squares += self.distributed.squared_norms([p.grad for p in others])
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
 

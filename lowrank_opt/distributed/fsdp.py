@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from .._sync import to_host
 from .strategy import DistributedStrategy
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class FSDP2(DistributedStrategy):
 
     def squared_norms(self, grads: Sequence[Tensor]) -> list[Tensor]:
         squares = [_local(g).double().pow(2).sum() for g in grads]
-        return [s.cpu() for s in self._agree(squares, grads, dist.ReduceOp.SUM, torch.float64)]
+        return to_host(self._agree(squares, grads, dist.ReduceOp.SUM, torch.float64), torch.float64)
 
     def _agree(self, values: list[Tensor], grads: Sequence[Tensor], op: Any, dtype: torch.dtype) -> list[Tensor]:
         """One all-reduce combines the per-shard ``values`` of the DTensor ``grads`` into whole-tensor ones."""

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .._sync import to_host
+
 if TYPE_CHECKING:
     from ..wrapper import LowRankWrapper
 
@@ -56,7 +58,7 @@ class DistributedStrategy:
 
     def squared_norms(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """``||g||^2`` (float64, CPU) of the gradients of the parameters that are not LoRA factors."""
-        return [g.double().pow(2).sum().cpu() for g in grads]
+        return to_host([g.double().pow(2).sum() for g in grads], torch.float64)
 
     def synchronize(self, moved: Sequence[tuple[int, Tensor]]) -> None:
         """After the step: ``(pair index, factor)`` of every factor that moved, in the same order on every rank."""
