@@ -23,6 +23,7 @@ seeds), ``sweep.csv``, ``curves.csv`` and ``loss.png``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import statistics
 import sys
@@ -59,6 +60,7 @@ class WrapperOptions:
     calibrate_second_moment: bool = True
     project_update: bool = True
     max_grad_norm: float | None = None
+    full_space_clip: bool = True
 
 
 @dataclass
@@ -159,20 +161,7 @@ def make_optimizer(task: Task, run: Run, model: nn.Module, lr: float) -> torch.o
         return optimizer
     import lowrank_opt as lo
 
-    w = run.wrapper
-    return lo.LowRankWrapper(
-        optimizer,
-        task.lowrank_target(model),
-        rule=w.rule,
-        rule_options=w.rule_options,
-        schedule=w.schedule,
-        alternate_every=w.alternate_every,
-        rescale_grad=w.rescale_grad,
-        calibrate_first_moment=w.calibrate_first_moment,
-        calibrate_second_moment=w.calibrate_second_moment,
-        project_update=w.project_update,
-        max_grad_norm=w.max_grad_norm,
-    )
+    return lo.LowRankWrapper(optimizer, task.lowrank_target(model), **dataclasses.asdict(run.wrapper))
 
 
 def prepare(task: Task, run: Run, lr: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
