@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +95,9 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **kwargs))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **kwargs))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = float(alpha if alpha is not None else rank) / rank
 
@@ -145,9 +145,10 @@ def _peft_pairs(module: nn.Module, module_name: str) -> list[LoRAPair] | None:
         return None
     if not isinstance(module, LoraLayer):
         return None
+    layer: Any = module  # peft's attributes are untyped
     pairs = []
-    for adapter, lora_a in module.lora_A.items():
-        lora_b = module.lora_B[adapter]
+    for adapter, lora_a in layer.lora_A.items():
+        lora_b = layer.lora_B[adapter]
         a, b = lora_a.weight, lora_b.weight
         if not (a.requires_grad or b.requires_grad):
             continue
@@ -157,13 +158,13 @@ def _peft_pairs(module: nn.Module, module_name: str) -> list[LoRAPair] | None:
                 f"{label}: only peft LoRA Linear layers are supported, got {type(module).__name__} "
                 f"with factors of shape {tuple(a.shape)} and {tuple(b.shape)}"
             )
-        if adapter in module.lora_magnitude_vector or module.lora_variant.get(adapter) is not None:
+        if adapter in layer.lora_magnitude_vector or layer.lora_variant.get(adapter) is not None:
             raise ValueError(f"{label}: LoRA variants such as DoRA are not supported, only plain LoRA pairs")
         if getattr(lora_b, "bias", None) is not None and lora_b.bias.requires_grad:
             warnings.warn(f"{label}: the lora_B bias trains as an ordinary parameter", stacklevel=3)
-        base = module.get_base_layer().weight
-        base_weight = base.T if getattr(module, "fan_in_fan_out", False) else base
-        pairs.append(LoRAPair(a, b, float(module.scaling[adapter]), base_weight.detach(), label))
+        base = layer.get_base_layer().weight
+        base_weight = base.T if getattr(layer, "fan_in_fan_out", False) else base
+        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base_weight.detach(), label))
     return pairs
 
 

@@ -135,12 +135,12 @@ class LowRankWrapper(Optimizer):
 
         # torch.optim.Optimizer bookkeeping; param_groups and state stay the base optimizer's.
         self.defaults = base_optimizer.defaults
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
         self._init_state()
@@ -195,8 +195,11 @@ class LowRankWrapper(Optimizer):
         inverse mapping puts the originals back."""
         if not mapping:
             return
+        def swap(t: Tensor) -> Tensor:
+            return mapping.get(t, t)
+
         self.pairs = [
-            replace(pair, a=mapping.get(pair.a, pair.a), b=mapping.get(pair.b, pair.b), base_weight=mapping.get(pair.base_weight, pair.base_weight))
+            replace(pair, a=swap(pair.a), b=swap(pair.b), base_weight=None if pair.base_weight is None else swap(pair.base_weight))
             for pair in self.pairs
         ]
         for group in self.param_groups:
@@ -313,8 +316,9 @@ class LowRankWrapper(Optimizer):
                     grads[i][view.side] = view.canonical(grad).to(view.gram.dtype)
         return grads
 
-    def _other_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.grad is not None and p not in self._factors]
+    def _other_grads(self) -> list[Tensor]:
+        """Gradients of the parameters that are not LoRA factors."""
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p not in self._factors]
 
     def _check_inputs(self, views: list[tuple[FactorView, FactorView]]) -> None:
         """One host sync: every gradient finite, and the factors as this optimizer left them.
@@ -366,30 +370,31 @@ class LowRankWrapper(Optimizer):
     def _pair_sq_norm(self, views: tuple[FactorView, FactorView], grads: dict[Side, Tensor], active: tuple[Side, ...]) -> Tensor:
         view_a, view_b = views
         if not self.full_space_clip:
-            return sum(view.param.grad.float().pow(2).sum() for view in views)  # type: ignore[union-attr]
+            raw = [view.param.grad for view in views if view.param.grad is not None]
+            return torch.stack([g.float().pow(2).sum() for g in raw]).sum()
         if len(active) == 2:
             return tangent_sq_norm(view_a, grads["a"], view_b, grads["b"])
         view = view_a if active[0] == "a" else view_b
         return view.full_sq_norm(grads[active[0]])
 
-    def _total_norm(self, views, grads, others) -> Tensor:
+    def _total_norm(self, views: list[tuple[FactorView, FactorView]], grads: dict[int, dict[Side, Tensor]], others: list[Tensor]) -> Tensor:
         squares = [
             self._pair_sq_norm(views[i], grads[i], self.schedule.active(int(self.state[self.pairs[i].a][STEP_KEY])))
             for i in grads
         ]
         squares = self.distributed.reduce_squares(to_host(squares, torch.float64))
-        squares += self.distributed.squared_norms([p.grad for p in others])
+        squares += self.distributed.squared_norms(others)
         return torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
 
     def _clip(self, max_norm: float, views, grads) -> Tensor:
-        others = self._other_params()
+        others = self._other_grads()
         total = self._total_norm(views, grads, others)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for pair_grads in grads.values():
             for g in pair_grads.values():
                 g.mul_(coef.to(g.device, g.dtype))
-        for p in others:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        for g in others:
+            g.mul_(coef.to(g.device, g.dtype))
         return total
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -405,14 +410,12 @@ class LowRankWrapper(Optimizer):
             views = self._take_views()
             stepping = self._stepping_pairs()
             grads = self._coefficient_grads(views, stepping)
-            others = self._other_params()
+            others = self._other_grads()
             total = self._total_norm(views, grads, others)
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for i in stepping:
-                for factor in (self.pairs[i].a, self.pairs[i].b):
-                    factor.grad.mul_(coef.to(factor.grad.device, factor.grad.dtype))  # type: ignore[union-attr]
-            for p in others:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            factor_grads = [f.grad for i in stepping for f in (self.pairs[i].a, self.pairs[i].b) if f.grad is not None]
+            for g in factor_grads + others:
+                g.mul_(coef.to(g.device, g.dtype))
         return total
 
     @torch.no_grad()

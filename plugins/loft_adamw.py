@@ -97,17 +97,20 @@ class LoFTAdamW(CalibrationRule):
 
     def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
         p = view.param
-        kw = {"dtype": state_dtype(p), "device": p.device}
         r, l = view.coeff.shape
-        state = {"exp_avg": torch.zeros(p.shape, **kw)}
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=state_dtype(p), device=p.device)
+
+        state = {"exp_avg": zeros(*p.shape)}
         if self.second_moment == "exact":
-            state["exp_avg_sq"] = torch.zeros(l, r * (r + 1) // 2, **kw)
+            state["exp_avg_sq"] = zeros(l, r * (r + 1) // 2)
         elif self.second_moment == "factored":
             m, n = view.full_shape
-            state["exp_avg_sq_row"] = torch.zeros(m, **kw)
-            state["exp_avg_sq_col"] = torch.zeros(n, **kw)
+            state["exp_avg_sq_row"] = zeros(m)
+            state["exp_avg_sq_col"] = zeros(n)
         else:
-            state["exp_avg_sq"] = torch.zeros(p.shape, **kw)
+            state["exp_avg_sq"] = zeros(*p.shape)
         return state
 
     def observe(self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int) -> None:

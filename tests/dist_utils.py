@@ -8,6 +8,7 @@ rank left waiting in a collective fails instead of hanging.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -134,6 +135,9 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, t
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # DDP and FSDP objects left in reference cycles hold the group: free them before it goes
+        # (else gloo can abort the process at exit).
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
