@@ -50,7 +50,9 @@ def teacher(width: int, depth: int, rank: int) -> nn.Sequential:
         for layer in target:
             if isinstance(layer, nn.Linear):
                 m, n = layer.weight.shape
-                layer.weight += torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) / (rank * n) ** 0.5
+                layer.weight += (
+                    torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) / (rank * n) ** 0.5
+                )
     return target.requires_grad_(False)
 
 
@@ -107,7 +109,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     first = 0
     if args.checkpoint is not None and (args.checkpoint / ".metadata").exists():
         lo.distributed.init_base_state(opt)  # so strict loading finds an entry for the bias
-        state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt), "step": torch.zeros(())}
+        state = {
+            "model": get_model_state_dict(net),
+            "optim": get_optimizer_state_dict(net, opt),
+            "step": torch.zeros(()),
+        }
         dcp.load(state, checkpoint_id=args.checkpoint)
         set_model_state_dict(net, state["model"])
         set_optimizer_state_dict(net, opt, state["optim"])
@@ -131,7 +137,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 print(f"step {step:5d}  loss {losses:.5f}  optimizer state bytes per rank: {per_rank}")
 
     if args.checkpoint is not None:
-        state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt), "step": torch.tensor(float(step + 1))}
+        state = {
+            "model": get_model_state_dict(net),
+            "optim": get_optimizer_state_dict(net, opt),
+            "step": torch.tensor(float(step + 1)),
+        }
         dcp.save(state, checkpoint_id=args.checkpoint)
         if rank == 0:
             print(f"saved step {step + 1} to {args.checkpoint}")

@@ -48,15 +48,12 @@ class LoRAPair:
             raise ValueError(f"{label}: a and b are the same tensor")
         if self.b.shape[1] != self.a.shape[0]:
             raise ValueError(
-                f"{label}: rank mismatch, b is {tuple(self.b.shape)} (m, r) but a is "
-                f"{tuple(self.a.shape)} (r, n)"
+                f"{label}: rank mismatch, b is {tuple(self.b.shape)} (m, r) but a is {tuple(self.a.shape)} (r, n)"
             )
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError(f"{label}: scale must be a finite non-zero number, got {self.scale!r}")
         if self.base_weight is not None and tuple(self.base_weight.shape) != self.full_shape:
-            raise ValueError(
-                f"{label}: base_weight is {tuple(self.base_weight.shape)} but b @ a is {self.full_shape}"
-            )
+            raise ValueError(f"{label}: base_weight is {tuple(self.base_weight.shape)} but b @ a is {self.full_shape}")
 
     @property
     def rank(self) -> int:

@@ -48,10 +48,11 @@ def rule_for(optimizer: Optimizer) -> type[CalibrationRule]:
         matches = [cls for cls in rules.values() if _serves(cls, optimizer_type)]
         if matches:
             return min(matches, key=lambda cls: (cls.uses_base_step, cls.name))
-    listing = ", ".join(f"{name} ({', '.join(c.__name__ for c in cls.serves) or 'declared optimizers'})" for name, cls in sorted(rules.items()))
-    raise ValueError(
-        f"no rule is registered for {type(optimizer).__name__}; registered rules: {listing or 'none'}"
+    listing = ", ".join(
+        f"{name} ({', '.join(c.__name__ for c in cls.serves) or 'declared optimizers'})"
+        for name, cls in sorted(rules.items())
     )
+    raise ValueError(f"no rule is registered for {type(optimizer).__name__}; registered rules: {listing or 'none'}")
 
 
 def resolve_rule(
@@ -63,7 +64,9 @@ def resolve_rule(
     options = dict(options or {})
     if isinstance(rule, CalibrationRule):
         if options:
-            raise ValueError("rule_options are given to the rule's constructor; pass them there when rule is an instance")
+            raise ValueError(
+                "rule_options are given to the rule's constructor; pass them there when rule is an instance"
+            )
         return rule
     if rule is None:
         cls = rule_for(optimizer)

@@ -115,7 +115,9 @@ class CalibrationRule:
     def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def observe(self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int) -> None:
+    def observe(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> None:
         raise NotImplementedError
 
     def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:

@@ -106,7 +106,9 @@ class LowRankWrapper(Optimizer):
         distributed: DistributedStrategy | None = None,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
-            raise ValueError(f"base_optimizer must be a built torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+            raise ValueError(
+                f"base_optimizer must be a built torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+            )
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         self.base = base_optimizer
@@ -195,11 +197,17 @@ class LowRankWrapper(Optimizer):
         inverse mapping puts the originals back."""
         if not mapping:
             return
+
         def swap(t: Tensor) -> Tensor:
             return mapping.get(t, t)
 
         self.pairs = [
-            replace(pair, a=swap(pair.a), b=swap(pair.b), base_weight=None if pair.base_weight is None else swap(pair.base_weight))
+            replace(
+                pair,
+                a=swap(pair.a),
+                b=swap(pair.b),
+                base_weight=None if pair.base_weight is None else swap(pair.base_weight),
+            )
             for pair in self.pairs
         ]
         for group in self.param_groups:
@@ -223,7 +231,9 @@ class LowRankWrapper(Optimizer):
             raise ValueError(f"state dict version {version!r} is not supported (expected {STATE_VERSION})")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"state dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}"
+            )
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -244,14 +254,19 @@ class LowRankWrapper(Optimizer):
         self.base.load_state_dict({"state": base_state, "param_groups": saved_groups})
         for saved_id in factor_ids:
             p = id_map[saved_id]
-            entry = {key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value for key, value in saved_state[saved_id].items()}
+            entry = {
+                key: value.to(device=p.device, copy=True) if isinstance(value, Tensor) else value
+                for key, value in saved_state[saved_id].items()
+            }
             entry[STEP_KEY] = entry[STEP_KEY].to(device="cpu", dtype=torch.float32)
             if not self.distributed.owns(pair_of[p]):
                 entry = {key: entry[key] for key in _WRAPPER_KEYS}
             self.state[p] = entry
         self._views = None
 
-    def _check_saved_pair(self, index: int, pair: LoRAPair, saved_state: dict[Any, Any], id_map: dict[Any, Tensor]) -> None:
+    def _check_saved_pair(
+        self, index: int, pair: LoRAPair, saved_state: dict[Any, Any], id_map: dict[Any, Tensor]
+    ) -> None:
         ids = {p: saved_id for saved_id, p in id_map.items()}
         label = _label(pair, index)
         entries = {}
@@ -270,7 +285,9 @@ class LowRankWrapper(Optimizer):
                 if key in _WRAPPER_KEYS or not isinstance(value, Tensor):
                     continue
                 if key not in entry:
-                    raise ValueError(f"{label}, factor {side}: state dict lacks {key!r} (a checkpoint of another rule?)")
+                    raise ValueError(
+                        f"{label}, factor {side}: state dict lacks {key!r} (a checkpoint of another rule?)"
+                    )
                 if tuple(entry[key].shape) != tuple(value.shape):
                     raise ValueError(
                         f"{label}, factor {side}: saved {key!r} is {tuple(entry[key].shape)}, expected {tuple(value.shape)}"
@@ -281,7 +298,9 @@ class LowRankWrapper(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _take_views(self) -> list[tuple[FactorView, FactorView]]:
-        views = self._views if self._views is not None else [(build_view(p, "a"), build_view(p, "b")) for p in self.pairs]
+        views = (
+            self._views if self._views is not None else [(build_view(p, "a"), build_view(p, "b")) for p in self.pairs]
+        )
         self._views = views
         return views
 
@@ -297,7 +316,9 @@ class LowRankWrapper(Optimizer):
             stepping.append(i)
         return stepping
 
-    def _coefficient_grads(self, views: list[tuple[FactorView, FactorView]], stepping: list[int]) -> dict[int, dict[Side, Tensor]]:
+    def _coefficient_grads(
+        self, views: list[tuple[FactorView, FactorView]], stepping: list[int]
+    ) -> dict[int, dict[Side, Tensor]]:
         """``g_hat`` of both factors of every stepping pair that this rank owns."""
         grads: dict[int, dict[Side, Tensor]] = {}
         for i in stepping:
@@ -309,7 +330,9 @@ class LowRankWrapper(Optimizer):
                 grad = view.param.grad
                 assert grad is not None
                 if grad.shape != view.param.shape:
-                    raise ValueError(f"{_label(pair, i)}: gradient of factor {view.side} is {tuple(grad.shape)}, expected {tuple(view.param.shape)}")
+                    raise ValueError(
+                        f"{_label(pair, i)}: gradient of factor {view.side} is {tuple(grad.shape)}, expected {tuple(view.param.shape)}"
+                    )
                 if self.switches.rescale_grad:
                     grads[i][view.side] = view.rescale(grad)
                 else:
@@ -318,7 +341,12 @@ class LowRankWrapper(Optimizer):
 
     def _other_grads(self) -> list[Tensor]:
         """Gradients of the parameters that are not LoRA factors."""
-        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p not in self._factors]
+        return [
+            p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and p not in self._factors
+        ]
 
     def _check_inputs(self, views: list[tuple[FactorView, FactorView]]) -> None:
         """One host sync: every gradient finite, and the factors as this optimizer left them.
@@ -339,7 +367,9 @@ class LowRankWrapper(Optimizer):
         for ok, grad in zip(flags[: len(finite)], grads):
             if not ok:
                 raise ValueError(f"non-finite gradient in {self._describe(grad)}; no state was changed")
-        for flag, (pair, view) in zip(flags[len(finite) :], ((pair, v) for pair, vs in zip(self.pairs, views) for v in vs)):
+        for flag, (pair, view) in zip(
+            flags[len(finite) :], ((pair, v) for pair, vs in zip(self.pairs, views) for v in vs)
+        ):
             if flag:
                 index = self.pairs.index(pair)
                 warnings.warn(
@@ -367,7 +397,9 @@ class LowRankWrapper(Optimizer):
                     return f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
         return "a parameter"
 
-    def _pair_sq_norm(self, views: tuple[FactorView, FactorView], grads: dict[Side, Tensor], active: tuple[Side, ...]) -> Tensor:
+    def _pair_sq_norm(
+        self, views: tuple[FactorView, FactorView], grads: dict[Side, Tensor], active: tuple[Side, ...]
+    ) -> Tensor:
         view_a, view_b = views
         if not self.full_space_clip:
             raw = [view.param.grad for view in views if view.param.grad is not None]
@@ -377,7 +409,9 @@ class LowRankWrapper(Optimizer):
         view = view_a if active[0] == "a" else view_b
         return view.full_sq_norm(grads[active[0]])
 
-    def _total_norm(self, views: list[tuple[FactorView, FactorView]], grads: dict[int, dict[Side, Tensor]], others: list[Tensor]) -> Tensor:
+    def _total_norm(
+        self, views: list[tuple[FactorView, FactorView]], grads: dict[int, dict[Side, Tensor]], others: list[Tensor]
+    ) -> Tensor:
         squares = [
             self._pair_sq_norm(views[i], grads[i], self.schedule.active(int(self.state[self.pairs[i].a][STEP_KEY])))
             for i in grads
@@ -462,11 +496,21 @@ class LowRankWrapper(Optimizer):
             if not self.distributed.owns(i):
                 self.state[view.param][BASIS_GRAM_KEY] = coefficient_gram(view.coeff)
 
-    def _step_pair(self, views: tuple[FactorView, FactorView], grads: dict[Side, Tensor], active: tuple[Side, ...], step: int, groups) -> None:
+    def _step_pair(
+        self,
+        views: tuple[FactorView, FactorView],
+        grads: dict[Side, Tensor],
+        active: tuple[Side, ...],
+        step: int,
+        groups,
+    ) -> None:
         by_side = {view.side: view for view in views}
         for view in views:
             self.rule.observe(self.state[view.param], grads[view.side], view, groups[view.param], step)
-        deltas = {side: self.rule.update(self.state[by_side[side].param], by_side[side], groups[by_side[side].param], step) for side in active}
+        deltas = {
+            side: self.rule.update(self.state[by_side[side].param], by_side[side], groups[by_side[side].param], step)
+            for side in active
+        }
         moves = [(by_side[side], self._apply(by_side[side], deltas[side])) for side in active]
         for view, t in moves:
             partner = by_side[_other(view.side)]
@@ -486,7 +530,9 @@ class LowRankWrapper(Optimizer):
         self.state[view.param][BASIS_GRAM_KEY] = gram_new
         return transport(damped_cholesky(gram_new), new @ old.T)  # (r, l) @ (l, r) -> (r, r)
 
-    def _step_base(self, views, grads: dict[int, dict[Side, Tensor]], delegated: list[tuple[int, tuple[Side, ...]]]) -> None:
+    def _step_base(
+        self, views, grads: dict[int, dict[Side, Tensor]], delegated: list[tuple[int, tuple[Side, ...]]]
+    ) -> None:
         """Run the base optimizer on every non-factor parameter, and on both factors of delegated
         pairs with ``g_hat`` as their gradient. The inactive factor is put back afterwards: the
         base's statistics see every gradient (MATH.md section 4), only the active factor moves."""

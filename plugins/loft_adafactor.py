@@ -94,7 +94,9 @@ class LoFTAdafactor(CalibrationRule):
     def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
         super().bind(base_optimizer, switches)
         if not switches.project_update:
-            raise ValueError("loft_adafactor is defined by its full-space update; project_update=False is not supported")
+            raise ValueError(
+                "loft_adafactor is defined by its full-space update; project_update=False is not supported"
+            )
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         eps1 = group["eps"][0]

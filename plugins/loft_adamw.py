@@ -62,7 +62,9 @@ class LoFTAdamW(CalibrationRule):
     reads_base_weight = False
     serves = (torch.optim.AdamW, torch.optim.Adam)
 
-    def __init__(self, second_moment: Literal["exact", "factored", "diagonal"] = "exact", block_elements: int | None = None) -> None:
+    def __init__(
+        self, second_moment: Literal["exact", "factored", "diagonal"] = "exact", block_elements: int | None = None
+    ) -> None:
         if second_moment not in _MODES:
             raise ValueError(f"second_moment must be one of {_MODES}, got {second_moment!r}")
         if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
@@ -76,7 +78,9 @@ class LoFTAdamW(CalibrationRule):
     def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
         super().bind(base_optimizer, switches)
         if self.second_moment == "factored" and not switches.project_update:
-            raise ValueError("second_moment='factored' has no coefficient-space form: project_update=False needs 'exact' or 'diagonal'")
+            raise ValueError(
+                "second_moment='factored' has no coefficient-space form: project_update=False needs 'exact' or 'diagonal'"
+            )
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         for flag in ("amsgrad", "maximize"):
@@ -92,7 +96,11 @@ class LoFTAdamW(CalibrationRule):
         if self.second_moment == "exact":
             return {"exp_avg": StateKind.LINEAR, "exp_avg_sq": StateKind.BLOCK}
         if self.second_moment == "factored":
-            return {"exp_avg": StateKind.LINEAR, "exp_avg_sq_row": StateKind.FULL_SPACE, "exp_avg_sq_col": StateKind.FULL_SPACE}
+            return {
+                "exp_avg": StateKind.LINEAR,
+                "exp_avg_sq_row": StateKind.FULL_SPACE,
+                "exp_avg_sq_col": StateKind.FULL_SPACE,
+            }
         return {"exp_avg": StateKind.LINEAR, "exp_avg_sq": StateKind.QUADRATIC}
 
     def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -113,7 +121,9 @@ class LoFTAdamW(CalibrationRule):
             state["exp_avg_sq"] = zeros(*p.shape)
         return state
 
-    def observe(self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int) -> None:
+    def observe(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
         g = g_hat.to(state["exp_avg"].dtype)
         view.canonical(state["exp_avg"]).lerp_(g, 1 - beta1)

@@ -34,7 +34,10 @@ BASES: dict[str, tuple[Callable[[list[Tensor]], torch.optim.Optimizer], bool]] =
     # torch.optim.Adafactor's own step on a Shard(0) DTensor differs from its unsharded step (~1e-3
     # for a 3-element vector, torch 2.13), so under FSDP2 it would not match: only LoRA factors train.
     "loft_adafactor": (lambda params: torch.optim.Adafactor(params, lr=1e-2), False),
-    "loft_muon": (lambda params: torch.optim.Muon(params, lr=1e-2, adjust_lr_fn="match_rms_adamw"), False),  # Muon takes 2-D parameters only
+    "loft_muon": (
+        lambda params: torch.optim.Muon(params, lr=1e-2, adjust_lr_fn="match_rms_adamw"),
+        False,
+    ),  # Muon takes 2-D parameters only
     "generic": (lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), True),
 }
 
@@ -61,7 +64,9 @@ class Net(nn.Module):
 
 def batch(step: int) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL_BATCH, LAYERS[0][0], generator=gen), torch.randn(GLOBAL_BATCH, LAYERS[-1][1], generator=gen)
+    return torch.randn(GLOBAL_BATCH, LAYERS[0][0], generator=gen), torch.randn(
+        GLOBAL_BATCH, LAYERS[-1][1], generator=gen
+    )
 
 
 def local_batch(step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
@@ -90,7 +95,9 @@ def build(rule: str, mode: str, **options: Any) -> tuple[nn.Module, lo.LowRankWr
     return net, lo.LowRankWrapper(base, net, rule=rule, distributed=strategy, **options)
 
 
-def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1, micro_batches: int = 1) -> None:
+def train(
+    net: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1, micro_batches: int = 1
+) -> None:
     """Steps on this rank's share of each global batch.
 
     A single process given ``micro_batches = 2`` accumulates the two halves that two ranks see,

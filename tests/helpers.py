@@ -10,11 +10,15 @@ from torch import Tensor, nn
 import lowrank_opt as lo
 
 
-def make_pair(m: int, n: int, r: int, scale: float = 1.0, dtype: torch.dtype = torch.float64, seed: int = 0, zero_b: bool = False) -> lo.LoRAPair:
+def make_pair(
+    m: int, n: int, r: int, scale: float = 1.0, dtype: torch.dtype = torch.float64, seed: int = 0, zero_b: bool = False
+) -> lo.LoRAPair:
     """A pair with well-conditioned random factors (``b`` zero if asked) and no base weight."""
     gen = torch.Generator().manual_seed(seed)
     a = nn.Parameter(torch.randn(r, n, generator=gen, dtype=dtype) / n**0.5)
-    b = nn.Parameter(torch.zeros(m, r, dtype=dtype) if zero_b else torch.randn(m, r, generator=gen, dtype=dtype) / r**0.5)
+    b = nn.Parameter(
+        torch.zeros(m, r, dtype=dtype) if zero_b else torch.randn(m, r, generator=gen, dtype=dtype) / r**0.5
+    )
     return lo.LoRAPair(a, b, scale, name=f"pair{m}x{n}r{r}")
 
 

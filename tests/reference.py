@@ -11,7 +11,17 @@ from torch import Tensor
 
 
 class ReferenceLoFTAdamW:
-    def __init__(self, b: Tensor, a: Tensor, scale: float, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, second_moment="exact"):
+    def __init__(
+        self,
+        b: Tensor,
+        a: Tensor,
+        scale: float,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        second_moment="exact",
+    ):
         self.b, self.a, self.s = b.clone(), a.clone(), scale
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
         self.mode = second_moment

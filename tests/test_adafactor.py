@@ -19,7 +19,18 @@ class ReferenceLoFTAdafactor:
     """MATH.md section 7 written with dense matrices: ``X = s F g_hat`` (= ``P_F G``) and ``U`` are
     formed in full space, ``RMS(W)`` from ``W`` itself, solves with ``torch.linalg.solve``."""
 
-    def __init__(self, b: Tensor, a: Tensor, scale: float, w0: Tensor, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):
+    def __init__(
+        self,
+        b: Tensor,
+        a: Tensor,
+        scale: float,
+        w0: Tensor,
+        lr=1e-2,
+        beta2_decay=-0.8,
+        eps=(None, 1e-3),
+        d=1.0,
+        weight_decay=0.0,
+    ):
         self.b, self.a, self.s, self.w0 = b.clone(), a.clone(), scale, w0
         self.lr, self.decay, self.d, self.wd = lr, beta2_decay, d, weight_decay
         self.eps1 = eps[0] if eps[0] is not None else torch.finfo(a.dtype).eps
@@ -97,7 +108,9 @@ def test_full_rank_equivalence_with_torch_adafactor(options, alternate_every):
     w0 = full_weight(pair).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no base weight: RMS(s B A) is RMS(W) here
-        opt = lo.LowRankWrapper(torch.optim.Adafactor([pair.a, pair.b], **options), [pair], alternate_every=alternate_every)
+        opt = lo.LowRankWrapper(
+            torch.optim.Adafactor([pair.a, pair.b], **options), [pair], alternate_every=alternate_every
+        )
         lowrank = lowrank_trajectory(pair, loss, opt, 50)
     dense = dense_trajectory(w0, loss, lambda p: torch.optim.Adafactor(p, **options), 50)
     assert max_rel_error(lowrank, dense) < 1e-9
@@ -147,7 +160,9 @@ def test_base_norm_every_refreshes_the_base_terms_on_schedule():
     for every in (1, 4):
         pair = make_pair(m, n, r, seed=10)
         pair = lo.LoRAPair(pair.a, pair.b, 1.0, w0)
-        opt = lo.LowRankWrapper(torch.optim.Adafactor([pair.a, pair.b], lr=0.05), [pair], rule_options={"base_norm_every": every})
+        opt = lo.LowRankWrapper(
+            torch.optim.Adafactor([pair.a, pair.b], lr=0.05), [pair], rule_options={"base_norm_every": every}
+        )
         trajectories[every] = lowrank_trajectory(pair, loss, opt, 12)
         steps = {int(opt.state[p]["base_norm_step"]) for p in (pair.a, pair.b)}
         assert steps == ({11, 12} if every == 1 else {9, 10})

@@ -61,7 +61,13 @@ ROWS = [
     Row("loft_adamw", _adamw, wrong=_sgd, options={"second_moment": "factored"}),
     Row("loft_adafactor", _adafactor, wrong=_adamw, dense=_adafactor),
     Row("loft_adafactor", _adafactor, wrong=_adamw, options={"base_norm_every": 3}),
-    Row("loft_muon", _muon, wrong=_adafactor, options={"ns_dtype": "float64"}, dense=lambda p: DenseMuon(p, lr=2e-2, weight_decay=0.1)),
+    Row(
+        "loft_muon",
+        _muon,
+        wrong=_adafactor,
+        options={"ns_dtype": "float64"},
+        dense=lambda p: DenseMuon(p, lr=2e-2, weight_decay=0.1),
+    ),
     Row("loft_muon", _muon, wrong=_adafactor),
     Row("generic", _sgd, wrong=_adafactor, dense=_sgd),
     Row("generic", lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), wrong=_adafactor),
@@ -131,11 +137,18 @@ def test_resume_equals_uninterrupted(row):
 def test_wrong_base_optimizer_raises(row):
     model = _tiny_model()
     with pytest.raises(ValueError, match=row.rule):
-        opt = lo.LowRankWrapper(row.wrong([p for p in model.parameters() if p.requires_grad]), model, rule=row.rule, rule_options=row.options)
+        opt = lo.LowRankWrapper(
+            row.wrong([p for p in model.parameters() if p.requires_grad]),
+            model,
+            rule=row.rule,
+            rule_options=row.options,
+        )
         _train(model, opt, 1)
 
 
-@pytest.mark.parametrize("row", [row for row in ROWS if row.dense is not None], ids=[row.id for row in ROWS if row.dense is not None])
+@pytest.mark.parametrize(
+    "row", [row for row in ROWS if row.dense is not None], ids=[row.id for row in ROWS if row.dense is not None]
+)
 def test_full_rank_equivalence(row):
     r = 6
     pair = make_pair(r, r, r, scale=2.0, seed=3)
@@ -153,4 +166,6 @@ def test_full_rank_equivalence(row):
 def test_project_update_off_is_refused_where_the_rule_has_no_coefficient_form(rule, make):
     model = _tiny_model()
     with pytest.raises(ValueError, match="project_update=False"):
-        lo.LowRankWrapper(make([p for p in model.parameters() if p.requires_grad]), model, rule=rule, project_update=False)
+        lo.LowRankWrapper(
+            make([p for p in model.parameters() if p.requires_grad]), model, rule=rule, project_update=False
+        )

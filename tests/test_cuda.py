@@ -25,7 +25,12 @@ def test_cuda_matches_cpu_in_float64(second_moment):
     target = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     trajectories = []
     for pair, tgt in ((cpu, target), (gpu, target.cuda())):
-        opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=0.1), [pair], rule_options={"second_moment": second_moment}, max_grad_norm=1.0)
+        opt = lo.LowRankWrapper(
+            torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=0.1),
+            [pair],
+            rule_options={"second_moment": second_moment},
+            max_grad_norm=1.0,
+        )
         trajectories.append([w.cpu() for w in lowrank_trajectory(pair, quadratic_loss(tgt), opt, 20)])
     for x, y in zip(*trajectories):
         assert (x - y).norm() < 1e-9 * y.norm()
@@ -33,7 +38,9 @@ def test_cuda_matches_cpu_in_float64(second_moment):
 
 def test_bfloat16_on_cuda_trains_and_resumes_on_device():
     pair = _to(make_pair(64, 48, 8, dtype=torch.float32, seed=3), "cuda")
-    pair = lo.LoRAPair(torch.nn.Parameter(pair.a.detach().bfloat16()), torch.nn.Parameter(pair.b.detach().bfloat16()), 2.0)
+    pair = lo.LoRAPair(
+        torch.nn.Parameter(pair.a.detach().bfloat16()), torch.nn.Parameter(pair.b.detach().bfloat16()), 2.0
+    )
     opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair])
     target = torch.randn(64, 48, device="cuda")
     for _ in range(10):
@@ -43,7 +50,10 @@ def test_bfloat16_on_cuda_trains_and_resumes_on_device():
     assert torch.isfinite(pair.a).all() and torch.isfinite(pair.b).all()
     state = opt.state_dict()
     again = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair])
-    cpu_state = {"state": {k: {n: t.cpu() for n, t in v.items()} for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+    cpu_state = {
+        "state": {k: {n: t.cpu() for n, t in v.items()} for k, v in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
     again.load_state_dict(cpu_state)
     moved = again.state[pair.a]
     assert moved["exp_avg"].device.type == "cuda" and moved["exp_avg"].dtype == torch.float32

@@ -19,7 +19,12 @@ def _loss(m: int, n: int):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(momentum=0.9), dict(momentum=0.9, nesterov=True), dict(momentum=0.8, dampening=0.3, weight_decay=0.01), dict()],
+    [
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.8, dampening=0.3, weight_decay=0.01),
+        dict(),
+    ],
 )
 @pytest.mark.parametrize("alternate_every", [1, 2])
 def test_sgd_with_momentum_equals_dense_sgd_at_full_rank(options, alternate_every):
@@ -27,7 +32,9 @@ def test_sgd_with_momentum_equals_dense_sgd_at_full_rank(options, alternate_ever
     pair = make_pair(r, r, r, scale=2.0, seed=3)
     loss = _loss(r, r)
     w0 = full_weight(pair).detach()
-    opt = lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=1e-2, **options), [pair], alternate_every=alternate_every)
+    opt = lo.LowRankWrapper(
+        torch.optim.SGD([pair.a, pair.b], lr=1e-2, **options), [pair], alternate_every=alternate_every
+    )
     assert opt.rule.name == "generic"
     lowrank = lowrank_trajectory(pair, loss, opt, 50)
     dense = dense_trajectory(w0, loss, lambda p: torch.optim.SGD(p, lr=1e-2, **options), 50)
@@ -108,7 +115,10 @@ def test_a_declaration_makes_the_subclass_work():
         pass
 
     generic.declare(TracedSGD2, grad_trace="linear")
-    assert generic.declared_kinds(TracedSGD2) == {"momentum_buffer": lo.StateKind.LINEAR, "grad_trace": lo.StateKind.LINEAR}
+    assert generic.declared_kinds(TracedSGD2) == {
+        "momentum_buffer": lo.StateKind.LINEAR,
+        "grad_trace": lo.StateKind.LINEAR,
+    }
     pair = make_pair(6, 5, 2, seed=1)
     opt = lo.LowRankWrapper(TracedSGD2([pair.a, pair.b], lr=0.1, momentum=0.9), [pair])
     trajectory = lowrank_trajectory(pair, _loss(6, 5), opt, 5)

@@ -22,7 +22,9 @@ def test_full_rank_equivalence_with_dense_adamw(scale, weight_decay, max_grad_no
     base = torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=weight_decay)
     opt = lo.LowRankWrapper(base, [pair], max_grad_norm=max_grad_norm)
     lowrank = lowrank_trajectory(pair, loss, opt, 50)
-    dense = dense_trajectory(w0, loss, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=weight_decay), 50, max_grad_norm)
+    dense = dense_trajectory(
+        w0, loss, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=weight_decay), 50, max_grad_norm
+    )
     assert max_rel_error(lowrank, dense) < 1e-9
 
 
@@ -56,7 +58,9 @@ def test_alpha_invariance_of_the_trajectory():
     for scale in (1.0, 16.0):
         pair = make_pair(m, n, r, scale=scale, seed=4, zero_b=True)
         pair = lo.LoRAPair(pair.a, pair.b, scale, w0)
-        opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=0.05), [pair], max_grad_norm=1.0)
+        opt = lo.LowRankWrapper(
+            torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=0.05), [pair], max_grad_norm=1.0
+        )
         trajectories.append(lowrank_trajectory(pair, quadratic_loss(target), opt, 40))
     assert max_rel_error(trajectories[1], trajectories[0]) < 1e-9
 
@@ -68,10 +72,14 @@ def test_fast_path_matches_plain_reference(second_moment, schedule):
     pair = make_pair(m, n, r, scale=scale, seed=7)
     target = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     loss = quadratic_loss(target)
-    ref = ReferenceLoFTAdamW(pair.b.detach(), pair.a.detach(), scale, lr=1e-2, weight_decay=0.1, second_moment=second_moment)
+    ref = ReferenceLoFTAdamW(
+        pair.b.detach(), pair.a.detach(), scale, lr=1e-2, weight_decay=0.1, second_moment=second_moment
+    )
     base = torch.optim.AdamW([pair.a, pair.b], lr=1e-2, weight_decay=0.1)
     # A tiny block forces the column-blocked evaluation through several blocks.
-    opt = lo.LowRankWrapper(base, [pair], rule_options={"second_moment": second_moment, "block_elements": 2 * m}, schedule=schedule)
+    opt = lo.LowRankWrapper(
+        base, [pair], rule_options={"second_moment": second_moment, "block_elements": 2 * m}, schedule=schedule
+    )
     sched = lo.Schedule(schedule)
     for t in range(30):
         w = ref.weight().requires_grad_(True)
@@ -103,7 +111,11 @@ def test_exact_never_allocates_more_than_a_column_block():
     m, n, r = 96, 80, 4
     for mode in ("exact", "factored"):
         pair = make_pair(m, n, r, dtype=torch.float32, seed=9)
-        opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair], rule_options={"second_moment": mode, "block_elements": 16 * m})
+        opt = lo.LowRankWrapper(
+            torch.optim.AdamW([pair.a, pair.b], lr=1e-3),
+            [pair],
+            rule_options={"second_moment": mode, "block_elements": 16 * m},
+        )
         for _ in range(2):
             opt.zero_grad()
             pair.a.grad = torch.randn_like(pair.a)
@@ -116,7 +128,9 @@ def test_exact_never_allocates_more_than_a_column_block():
 def _first_update(dtype: torch.dtype) -> torch.Tensor:
     m = n = 384
     pair = make_pair(m, n, 16, scale=1.0, dtype=torch.float64, seed=13)
-    pair = lo.LoRAPair(torch.nn.Parameter(pair.a.detach().to(dtype)), torch.nn.Parameter(pair.b.detach().to(dtype)), 1.0)
+    pair = lo.LoRAPair(
+        torch.nn.Parameter(pair.a.detach().to(dtype)), torch.nn.Parameter(pair.b.detach().to(dtype)), 1.0
+    )
     opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair])
     gen = torch.Generator().manual_seed(14)
     pair.a.grad = (1e-3 * torch.randn(pair.a.shape, generator=gen, dtype=torch.float64)).to(dtype)

@@ -31,7 +31,10 @@ class DenseMuon(torch.optim.Optimizer):
     """torch.optim.Muon's update rule on dense weights, with the iteration in float64."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=None):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn))
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -42,7 +45,11 @@ class DenseMuon(torch.optim.Optimizer):
                 buf.mul_(mu).add_(p.grad, alpha=1 - mu)
                 z = (1 - mu) * p.grad + mu * buf if group["nesterov"] else buf
                 m, n = p.shape
-                ratio = 0.2 * math.sqrt(max(m, n)) if group["adjust_lr_fn"] == "match_rms_adamw" else math.sqrt(max(1, m / n))
+                ratio = (
+                    0.2 * math.sqrt(max(m, n))
+                    if group["adjust_lr_fn"] == "match_rms_adamw"
+                    else math.sqrt(max(1, m / n))
+                )
                 p.mul_(1 - lr * group["weight_decay"]).sub_(lr * ratio * dense_newton_schulz(z))
 
 
@@ -105,7 +112,16 @@ def test_update_is_dense_muon_of_the_projected_gradient_on_a_rectangular_pair(si
     """``s F delta_C = -lr rho(m, n) NS(s F Z) - lr wd s F C`` with ``rho`` from the FULL shape."""
     m, n, r = 10, 7, 3
     pair = make_pair(m, n, r, scale=1.5, seed=4)
-    group = dict(lr=0.1, weight_decay=0.2, momentum=0.9, nesterov=True, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=adjust_lr_fn)
+    group = dict(
+        lr=0.1,
+        weight_decay=0.2,
+        momentum=0.9,
+        nesterov=True,
+        ns_coefficients=NS_COEFFICIENTS,
+        eps=1e-7,
+        ns_steps=5,
+        adjust_lr_fn=adjust_lr_fn,
+    )
     delta, g_hat, view = _one_update(pair, side, group, _target(m, n))
     z = (1 - 0.9) * g_hat + 0.9 * (1 - 0.9) * g_hat  # first step: M = (1 - mu) g
     ratio = 0.2 * math.sqrt(max(m, n)) if adjust_lr_fn else math.sqrt(max(1, m / n))
@@ -131,7 +147,16 @@ def test_rank_deficient_factor_gives_the_update_within_its_span():
     pair = make_pair(m, n, r, scale=2.0, seed=6)
     with torch.no_grad():
         pair.b.copy_(pair.b[:, :1] @ torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64))  # rank 1
-    group = dict(lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=False, ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+    group = dict(
+        lr=0.1,
+        weight_decay=0.0,
+        momentum=0.9,
+        nesterov=False,
+        ns_coefficients=NS_COEFFICIENTS,
+        eps=1e-7,
+        ns_steps=5,
+        adjust_lr_fn=None,
+    )
     delta, g_hat, view = _one_update(pair, "a", group, _target(m, n))
     assert torch.isfinite(delta).all()
     z = 0.1 * g_hat

@@ -57,13 +57,23 @@ def test_peft_on_a_torch_module():
 
 def test_peft_on_transformers_models_with_both_orientations():
     bert = transformers.BertModel(
-        transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        transformers.BertConfig(
+            vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
     )
-    pairs = lo.find_lora_pairs(peft.get_peft_model(bert, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["query", "value", "dense"])))
-    assert len(pairs) == 6 and all(p.scale == 1.0 for p in pairs)
-    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0))
     pairs = lo.find_lora_pairs(
-        peft.get_peft_model(gpt2, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+        peft.get_peft_model(bert, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["query", "value", "dense"]))
+    )
+    assert len(pairs) == 6 and all(p.scale == 1.0 for p in pairs)
+    gpt2 = transformers.GPT2Model(
+        transformers.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
+    pairs = lo.find_lora_pairs(
+        peft.get_peft_model(
+            gpt2, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        )
     )
     for pair in pairs:  # GPT-2 stores (in, out) weights: the base weight is given as (m, n)
         assert tuple(pair.base_weight.shape) == pair.full_shape
@@ -85,9 +95,15 @@ def _pair(m=4, n=3, r=2):
     ("build", "message"),
     [
         (lambda: lo.LoRAPair(*_pair()[::-1], 1.0, name="layer7"), "layer7: rank mismatch"),
-        (lambda: lo.LoRAPair(torch.randn(2, 3, 1), torch.randn(4, 2), 1.0, name="conv"), "conv: factor a must be a 2-D tensor"),
+        (
+            lambda: lo.LoRAPair(torch.randn(2, 3, 1), torch.randn(4, 2), 1.0, name="conv"),
+            "conv: factor a must be a 2-D tensor",
+        ),
         (lambda: lo.LoRAPair(*_pair(), float("nan"), name="x"), "x: scale must be a finite non-zero number, got nan"),
-        (lambda: lo.LoRAPair(*_pair(), 1.0, torch.zeros(3, 4), name="x"), r"x: base_weight is \(3, 4\) but b @ a is \(4, 3\)"),
+        (
+            lambda: lo.LoRAPair(*_pair(), 1.0, torch.zeros(3, 4), name="x"),
+            r"x: base_weight is \(3, 4\) but b @ a is \(4, 3\)",
+        ),
         (lambda: lo.find_lora_pairs(nn.Linear(3, 3)), "no trainable LoRA pair found in Linear"),
         (lambda: lo.find_lora_pairs([]), "no LoRA pair given"),
         (lambda: lo.LoRALinear(nn.Conv1d(2, 2, 1), 2), "LoRALinear wraps nn.Linear, got Conv1d"),

@@ -54,7 +54,18 @@ def site(tmp_path_factory) -> Path:
     source = shutil.copytree(PACKAGE, root / "src")
     target = root / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
         capture_output=True,
     )
@@ -65,7 +76,9 @@ def test_installed_plugin_is_discovered_and_matches_its_dense_optimizer(site):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "loft_signum" in result["rules"] and {"loft_adamw", "loft_adafactor", "loft_muon", "generic"} <= set(result["rules"])
+    assert "loft_signum" in result["rules"] and {"loft_adamw", "loft_adafactor", "loft_muon", "generic"} <= set(
+        result["rules"]
+    )
     assert result["picked"] == "LoFTSignum" and result["is_registered_class"]
     assert result["error"] < 1e-9
 

@@ -79,7 +79,11 @@ def test_state_is_versioned_tensors_with_an_entry_per_factor_before_the_first_st
     opt = _build(model)
     state_dict = opt.state_dict()
     assert state_dict["lowrank_opt_version"] == lo.STATE_VERSION
-    factor_ids = [i for i, p in enumerate(opt.param_groups[0]["params"]) if any(p is f for pair in opt.pairs for f in (pair.a, pair.b))]
+    factor_ids = [
+        i
+        for i, p in enumerate(opt.param_groups[0]["params"])
+        if any(p is f for pair in opt.pairs for f in (pair.a, pair.b))
+    ]
     assert len(factor_ids) == 2
     for i in factor_ids:
         assert all(isinstance(v, torch.Tensor) for v in state_dict["state"][i].values())

@@ -45,7 +45,12 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 @pytest.mark.parametrize("second_moment", ["exact", "factored", "diagonal"])
 def test_peft_model_from_b_zero_trains(second_moment):
     model = _peft_model()
-    opt = lo.LowRankWrapper(torch.optim.AdamW(_trainable(model), lr=1e-2), model, rule_options={"second_moment": second_moment}, max_grad_norm=1.0)
+    opt = lo.LowRankWrapper(
+        torch.optim.AdamW(_trainable(model), lr=1e-2),
+        model,
+        rule_options={"second_moment": second_moment},
+        max_grad_norm=1.0,
+    )
     losses = _train(model, opt, 20)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
@@ -187,20 +192,41 @@ def _errors():
     frozen.a.requires_grad_(False)
     outsider = make_pair(4, 4, 2, seed=6)
     return [
-        (lambda: lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=0.1), [pair], rule="loft_adamw"), "rule 'loft_adamw' lifts AdamW, Adam, not SGD"),
+        (
+            lambda: lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=0.1), [pair], rule="loft_adamw"),
+            "rule 'loft_adamw' lifts AdamW, Adam, not SGD",
+        ),
         (lambda: lo.LowRankWrapper(adam(), [pair], rule="nope"), "unknown rule 'nope'; registered rules: "),
-        (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "full"}), "second_moment must be one of"),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "full"}),
+            "second_moment must be one of",
+        ),
         (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"typo": 1}), "does not accept rule_options"),
         (lambda: lo.LowRankWrapper(adam(amsgrad=True), [pair]), "loft_adamw does not support amsgrad=True"),
         (lambda: lo.LowRankWrapper(torch.optim.Adam([pair.a, pair.b], weight_decay=0.1), [pair]), "coupled L2 term"),
-        (lambda: lo.LowRankWrapper(adam(), [pair], max_grad_norm=-1.0), "max_grad_norm must be a positive finite number or None, got -1.0"),
-        (lambda: lo.LowRankWrapper(adam(), [pair], schedule="random"), "schedule must be 'alternate' or 'both', got 'random'"),
-        (lambda: lo.LowRankWrapper(adam(), [pair], alternate_every=0), "alternate_every must be a positive integer, got 0"),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair], max_grad_norm=-1.0),
+            "max_grad_norm must be a positive finite number or None, got -1.0",
+        ),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair], schedule="random"),
+            "schedule must be 'alternate' or 'both', got 'random'",
+        ),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair], alternate_every=0),
+            "alternate_every must be a positive integer, got 0",
+        ),
         (lambda: lo.LowRankWrapper(adam(), [outsider]), "factor a is not in the base optimizer's param_groups"),
         (lambda: lo.LowRankWrapper(torch.optim.AdamW([frozen.b]), [frozen]), "factor a does not require grad"),
-        (lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "factored"}, project_update=False), "has no coefficient-space form"),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair], rule_options={"second_moment": "factored"}, project_update=False),
+            "has no coefficient-space form",
+        ),
         (lambda: lo.LowRankWrapper("adam", [pair]), "base_optimizer must be a built torch.optim.Optimizer, got str"),
-        (lambda: lo.LowRankWrapper(adam(), [pair]).clip_grad_norm_(0), "max_norm must be a positive finite number, got 0"),
+        (
+            lambda: lo.LowRankWrapper(adam(), [pair]).clip_grad_norm_(0),
+            "max_norm must be a positive finite number, got 0",
+        ),
     ]
 
 

@@ -69,7 +69,9 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
                 state = base.state.get(factor, {})
                 if optimizer.rule.uses_base_step and optimizer.distributed.owns(i) and set(state) <= set(_WRAPPER_KEYS):
                     missing.add(factor)
-                    hidden[factor] = {key: state.pop(key) for key in list(state)}  # the base initialises empty state only
+                    hidden[factor] = {
+                        key: state.pop(key) for key in list(state)
+                    }  # the base initialises empty state only
     if not missing:
         return
     stashed: dict[Tensor, Tensor | None] = {p: p.grad for p in params}

@@ -52,7 +52,9 @@ class FSDP2(DistributedStrategy):
     def bind(self, wrapper: LowRankWrapper) -> None:
         sharded = [f for pair in wrapper.pairs for f in (pair.a, pair.b) if isinstance(f, DTensor)]
         if not sharded:
-            raise ValueError("FSDP2: no LoRA factor is a DTensor; call fully_shard on the model before building the optimizer")
+            raise ValueError(
+                "FSDP2: no LoRA factor is a DTensor; call fully_shard on the model before building the optimizer"
+            )
         for factor in sharded:
             if factor.device_mesh.ndim != 1 or tuple(factor.placements) != (Shard(0),):
                 raise ValueError(
@@ -95,7 +97,8 @@ class FSDP2(DistributedStrategy):
                     entry = wrapper.state.get(factor)
                     if entry:
                         wrapper.state[factor] = {
-                            key: value if key in _WRAPPER_KEYS else _shard_statistic(value, factor) for key, value in entry.items()
+                            key: value if key in _WRAPPER_KEYS else _shard_statistic(value, factor)
+                            for key, value in entry.items()
                         }
 
     def finite_flags(self, grads: Sequence[Tensor]) -> list[Tensor]:

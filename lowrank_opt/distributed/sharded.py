@@ -55,7 +55,9 @@ def assign_pairs(state_bytes: Sequence[float], step_costs: Sequence[float], worl
     return owners
 
 
-def pair_costs(pairs: Sequence[LoRAPair], rule: CalibrationRule, groups: dict[Tensor, dict[str, Any]]) -> tuple[list[int], list[float]]:
+def pair_costs(
+    pairs: Sequence[LoRAPair], rule: CalibrationRule, groups: dict[Tensor, dict[str, Any]]
+) -> tuple[list[int], list[float]]:
     """State bytes and step work of every pair.
 
     State bytes are the rule's own :meth:`~lowrank_opt.CalibrationRule.init_state`, evaluated on
