@@ -58,3 +58,13 @@ def dense_trajectory(w0: Tensor, loss_fn, make_opt, steps: int, max_norm: float 
 
 def max_rel_error(xs: list[Tensor], ys: list[Tensor]) -> float:
     return max(((x - y).norm() / y.norm()).item() for x, y in zip(xs, ys))
+
+
+def step_with_reference(ref, opt: torch.optim.Optimizer, pair: lo.LoRAPair, loss_fn, active: tuple[str, ...]) -> None:
+    """One step of a plain reference rule (on the dense gradient) and of the wrapper, same loss."""
+    w = ref.weight().requires_grad_(True)
+    loss_fn(w).backward()
+    ref.step(w.grad, active)
+    opt.zero_grad()
+    loss_fn(full_weight(pair)).backward()
+    opt.step()

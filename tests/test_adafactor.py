@@ -8,7 +8,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import dense_trajectory, full_weight, lowrank_trajectory, make_pair, max_rel_error, quadratic_loss
+from helpers import (
+    dense_trajectory,
+    full_weight,
+    lowrank_trajectory,
+    make_pair,
+    max_rel_error,
+    quadratic_loss,
+    step_with_reference,
+)
 from lowrank_opt_plugins.loft_adafactor import LoFTAdafactor, _separable_update
 from torch import Tensor
 
@@ -139,12 +147,7 @@ def test_matches_dense_reference_on_rectangular_pair_with_base_weight(schedule, 
     opt = lo.LowRankWrapper(base, [pair], rule_options={"block_elements": 2 * max(m, n)}, schedule=schedule)
     sched = lo.Schedule(schedule)
     for t in range(30):
-        w = ref.weight().requires_grad_(True)
-        loss(w).backward()
-        ref.step(w.grad, sched.active(t))
-        opt.zero_grad()
-        loss(full_weight(pair)).backward()
-        opt.step()
+        step_with_reference(ref, opt, pair, loss, sched.active(t))
         assert (full_weight(pair) - ref.weight()).norm() < 1e-10 * ref.weight().norm()
     assert (ref.partly_clamped > 0) == expect_clamp
     assert ref.clipped > 0  # the update-RMS clip was exercised too

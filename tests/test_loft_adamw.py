@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import dense_trajectory, full_weight, lowrank_trajectory, make_pair, max_rel_error, quadratic_loss
+from helpers import (
+    dense_trajectory,
+    full_weight,
+    lowrank_trajectory,
+    make_pair,
+    max_rel_error,
+    quadratic_loss,
+    step_with_reference,
+)
 from reference import ReferenceLoFTAdamW
 
 import lowrank_opt as lo
@@ -82,12 +90,7 @@ def test_fast_path_matches_plain_reference(second_moment, schedule):
     )
     sched = lo.Schedule(schedule)
     for t in range(30):
-        w = ref.weight().requires_grad_(True)
-        loss(w).backward()
-        ref.step(w.grad, sched.active(t))
-        opt.zero_grad()
-        loss(full_weight(pair)).backward()
-        opt.step()
+        step_with_reference(ref, opt, pair, loss, sched.active(t))
     assert (full_weight(pair) - ref.weight()).norm() < 1e-9 * ref.weight().norm()
 
 
