@@ -539,14 +539,14 @@ class LowRankWrapper(Optimizer):
         stashed = {factor: factor.grad for factor in self._factors}
         for factor in self._factors:
             factor.grad = None
-        moved: list[tuple[FactorView, Tensor]] = []
+        moved: list[tuple[int, FactorView, Tensor]] = []
         kept: list[tuple[Tensor, Tensor]] = []
         hidden_keys: dict[Tensor, dict[str, Any]] = {}
         for i, active in delegated:
             for view in views[i]:
                 view.param.grad = view.canonical(grads[i][view.side]).to(view.param.dtype)
                 if view.side in active:
-                    moved.append((view, view.coeff.to(view.gram.dtype, copy=True)))
+                    moved.append((i, view, view.coeff.to(view.gram.dtype, copy=True)))
                 else:
                     kept.append((view.param, view.param.detach().clone()))
                 # The base initialises its state lazily when it finds it empty: hide our keys.
@@ -561,10 +561,9 @@ class LowRankWrapper(Optimizer):
                 factor.grad = grad
         for param, value in kept:
             param.copy_(value)
-        for view, old in moved:
+        for i, view, old in moved:
             t = self._transport_after_move(view, old)
-            pair_index = next(j for j, (va, vb) in enumerate(views) if view in (va, vb))
-            partner = views[pair_index][1 if view.side == "a" else 0]
+            partner = views[i][1 if view.side == "a" else 0]
             self.rule.calibrate(self.state[partner.param], t, partner)
 
 
