@@ -5,7 +5,8 @@ A rule supplies four things, each in canonical coordinates of a :class:`~lowrank
 
 * :meth:`CalibrationRule.init_state`: the statistics of one factor, as tensors;
 * :meth:`CalibrationRule.observe`: fold in the coefficient gradient ``g_hat`` (every step, both factors);
-* :meth:`CalibrationRule.update`: the coefficient change ``delta_C`` of the active factor;
+* :meth:`CalibrationRule.update`: the coefficient change ``delta_C`` of the active factor (it also
+  gets this step's ``g_hat``);
 * :meth:`CalibrationRule.state_kinds`: how each statistic moves when the basis changes
   (:class:`StateKind`); :meth:`CalibrationRule.calibrate` applies it and rarely needs overriding.
 
@@ -120,7 +121,9 @@ class CalibrationRule:
     ) -> None:
         raise NotImplementedError
 
-    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+    def update(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> Tensor:
         raise NotImplementedError
 
     def calibrate(self, state: dict[str, Any], t: Tensor, view: FactorView) -> None:

@@ -508,7 +508,9 @@ class LowRankWrapper(Optimizer):
         for view in views:
             self.rule.observe(self.state[view.param], grads[view.side], view, groups[view.param], step)
         deltas = {
-            side: self.rule.update(self.state[by_side[side].param], by_side[side], groups[by_side[side].param], step)
+            side: self.rule.update(
+                self.state[by_side[side].param], grads[side], by_side[side], groups[by_side[side].param], step
+            )
             for side in active
         }
         moves = [(by_side[side], self._apply(by_side[side], deltas[side])) for side in active]

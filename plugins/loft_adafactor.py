@@ -52,7 +52,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
 from lowrank_opt.views import FactorView, coefficient_gram
@@ -84,8 +83,6 @@ class LoFTAdafactor(CalibrationRule):
             raise ValueError(f"base_norm_every must be a positive integer, got {base_norm_every!r}")
         self.block_elements = block_elements
         self.base_norm_every = base_norm_every
-        # The (maybe negated) coefficient gradient of each factor, from observe() to update().
-        self._pending = WeakIdKeyDictionary()
         self._warned_no_base = False
 
     def __repr__(self) -> str:
@@ -121,19 +118,20 @@ class LoFTAdafactor(CalibrationRule):
         self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
     ) -> None:
         g = -g_hat if group.get("maximize", False) else g_hat
-        self._pending[view.param] = g
         rows, cols = row_col_mean_squares(g, view)
         weight = float(step) ** float(group["beta2_decay"])  # 1 - beta2_t
         row_var, col_var = _canonical_stats(state, view)
         row_var.lerp_(rows.to(row_var.dtype), weight)
         col_var.lerp_(cols.to(col_var.dtype), weight)
 
-    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+    def update(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> Tensor:
         lr, wd, d = float(group["lr"]), float(group["weight_decay"]), float(group["d"])
         eps1, eps2 = group["eps"]
         eps1 = float(eps1) if eps1 is not None else torch.finfo(view.param.dtype).eps
         dtype = view.gram.dtype
-        g = self._pending.pop(view.param).to(dtype)
+        g = (-g_hat if group.get("maximize", False) else g_hat).to(dtype)
         alpha = max(float(eps2), self._weight_rms(state, view, step)) * min(lr, 1 / math.sqrt(step))
 
         denom = max(state["row_var"].mean().item(), eps1)  # D: torch averages the original rows

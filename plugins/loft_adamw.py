@@ -144,7 +144,9 @@ class LoFTAdamW(CalibrationRule):
             rows.lerp_(row_sq.to(rows.dtype), 1 - beta2)
             cols.lerp_(col_sq.to(cols.dtype), 1 - beta2)
 
-    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+    def update(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> Tensor:
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step

@@ -48,7 +48,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
 from lowrank_opt.views import FactorView
@@ -120,8 +119,6 @@ class LoFTMuon(CalibrationRule):
         if ns_dtype not in _NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {tuple(_NS_DTYPES)}, got {ns_dtype!r}")
         self.ns_dtype = ns_dtype
-        # Nesterov input Z of each factor, from observe() to update() within one step.
-        self._pending = WeakIdKeyDictionary()
 
     def __repr__(self) -> str:
         return f"LoFTMuon(ns_dtype={self.ns_dtype!r})"
@@ -154,11 +151,14 @@ class LoFTMuon(CalibrationRule):
         buf = view.canonical(state["momentum_buffer"])
         g = g_hat.to(buf.dtype)
         buf.lerp_(g, 1 - mu)
-        self._pending[view.param] = g.lerp(buf, mu) if group["nesterov"] else buf
 
-    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+    def update(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> Tensor:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
-        z = self._pending.pop(view.param).to(view.gram.dtype)
+        mu = float(group["momentum"])
+        buf = view.canonical(state["momentum_buffer"])
+        z = (g_hat.to(buf.dtype).lerp(buf, mu) if group["nesterov"] else buf).to(view.gram.dtype)  # Nesterov input
         direction = orthogonalized_coefficients(
             z,
             view,

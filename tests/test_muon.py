@@ -103,7 +103,7 @@ def _one_update(pair: lo.LoRAPair, side: str, group: dict, grad_w: Tensor):
     g_hat = view.rescale(view.canonical(grad_c))
     state = rule.init_state(view, group)
     rule.observe(state, g_hat, view, group, 1)
-    return rule.update(state, view, group, 1), g_hat, view
+    return rule.update(state, g_hat, view, group, 1), g_hat, view
 
 
 @pytest.mark.parametrize("side", ["a", "b"])

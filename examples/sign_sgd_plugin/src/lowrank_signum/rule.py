@@ -53,7 +53,9 @@ class LoFTSignum(CalibrationRule):
         buf = view.canonical(state["momentum_buffer"])  # (r, l), a view of the state
         buf.lerp_(g_hat.to(buf.dtype), 1 - group["beta"])
 
-    def update(self, state: dict[str, Any], view: FactorView, group: Mapping[str, Any], step: int) -> Tensor:
+    def update(
+        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
+    ) -> Tensor:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         f, s = view.basis, view.scale
         momentum = view.canonical(state["momentum_buffer"]).to(f.dtype)  # (r, l)
