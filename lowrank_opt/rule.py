@@ -105,7 +105,17 @@ class CalibrationRule:
             )
         for group in base_optimizer.param_groups:
             self.check_group(group)
+        self.check_switches(switches)
         self.switches = switches
+
+    def check_switches(self, switches: Switches) -> None:
+        """Refuse ``project_update=False`` for a rule with no update in coefficient space."""
+        if not switches.project_update and not self.has_coefficient_form():
+            raise ValueError(f"{self!r} has no coefficient-space form, so project_update=False is not supported")
+
+    def has_coefficient_form(self) -> bool:
+        """Whether the rule can update without the full-space reconstruction (``project_update=False``)."""
+        return False
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` for hyperparameters the rule cannot honour."""

@@ -111,10 +111,7 @@ class GenericRule(CalibrationRule):
         return optimizer_type in _DECLARATIONS
 
     def bind(self, base_optimizer: Optimizer, switches: Switches) -> None:
-        if not switches.project_update:
-            raise ValueError(
-                "generic: the base optimizer's own step() has no full-space form; project_update=False is not supported"
-            )
+        self.check_switches(switches)
         self._kinds = declared_kinds(type(base_optimizer))
         self._optimizer_name = type(base_optimizer).__name__
         for group in base_optimizer.param_groups:

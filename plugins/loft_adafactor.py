@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
+from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
 from lowrank_opt.views import FactorView, coefficient_gram
 
 __all__ = ["LoFTAdafactor"]
@@ -87,13 +87,6 @@ class LoFTAdafactor(CalibrationRule):
 
     def __repr__(self) -> str:
         return f"LoFTAdafactor(base_norm_every={self.base_norm_every})"
-
-    def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
-        super().bind(base_optimizer, switches)
-        if not switches.project_update:
-            raise ValueError(
-                "loft_adafactor is defined by its full-space update; project_update=False is not supported"
-            )
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         eps1 = group["eps"][0]

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from lowrank_opt.linalg import ema_packed_outer_, quadratic_form_rows, triu_indices
-from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
+from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
 from lowrank_opt.views import FactorView
 
 __all__ = ["LoFTAdamW"]
@@ -75,12 +75,8 @@ class LoFTAdamW(CalibrationRule):
     def __repr__(self) -> str:
         return f"LoFTAdamW(second_moment={self.second_moment!r})"
 
-    def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
-        super().bind(base_optimizer, switches)
-        if self.second_moment == "factored" and not switches.project_update:
-            raise ValueError(
-                "second_moment='factored' has no coefficient-space form: project_update=False needs 'exact' or 'diagonal'"
-            )
+    def has_coefficient_form(self) -> bool:
+        return self.second_moment != "factored"  # factored statistics live in full space only
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         for flag in ("amsgrad", "maximize"):

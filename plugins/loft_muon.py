@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowrank_opt.rule import CalibrationRule, StateKind, Switches, state_dtype
+from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
 from lowrank_opt.views import FactorView
 
 __all__ = ["LoFTMuon", "newton_schulz", "lr_ratio"]
@@ -122,11 +122,6 @@ class LoFTMuon(CalibrationRule):
 
     def __repr__(self) -> str:
         return f"LoFTMuon(ns_dtype={self.ns_dtype!r})"
-
-    def bind(self, base_optimizer: torch.optim.Optimizer, switches: Switches) -> None:
-        super().bind(base_optimizer, switches)
-        if not switches.project_update:
-            raise ValueError("loft_muon is defined by its full-space update; project_update=False is not supported")
 
     def check_group(self, group: Mapping[str, Any]) -> None:
         if group.get("adjust_lr_fn") not in _ADJUST_LR:
