@@ -92,6 +92,16 @@ class FactorView:
         """``Gamma^-1 F^T U / s`` (r, c) for a full-space update block ``U`` (k, c)."""
         return self.solve(self.basis.T @ update) / self.scale  # (r, k) @ (k, c) -> (r, c)
 
+    def full_mean_squares(self, g_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """Row ``(k,)`` and column ``(l,)`` mean squares of ``X = s F g_hat`` without forming it:
+        ``row_i = s^2 f_i^T (g g^T) f_i / l`` and ``col_j = s^2 g_j^T Gamma g_j / k``."""
+        s2 = self.scale**2
+        k, l = self.basis.shape[0], g_hat.shape[1]
+        rows = s2 * ((self.basis @ (g_hat @ g_hat.T)) * self.basis).sum(1) / l  # (k, r) @ (r, r) -> (k, r)
+        cols = s2 * ((self.gram @ g_hat) * g_hat).sum(0) / k  # (r, r) @ (r, l) -> (r, l)
+        # Quadratic forms of PSD matrices: only rounding can make them negative.
+        return rows.clamp_(min=0), cols.clamp_(min=0)
+
     def full_sq_norm(self, g_hat: Tensor) -> Tensor:
         """``||s F g_hat||_F^2 = s^2 sum((g g^T) * Gamma)`` without forming the (k, l) matrix."""
         return self.scale**2 * ((g_hat @ g_hat.T) * self.gram).sum()

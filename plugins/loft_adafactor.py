@@ -59,16 +59,6 @@ from lowrank_opt.views import FactorView, coefficient_gram
 __all__ = ["LoFTAdafactor"]
 
 
-def row_col_mean_squares(g: Tensor, view: FactorView) -> tuple[Tensor, Tensor]:
-    """Row (k,) and column (l,) mean squares of ``X = s F g`` without forming it."""
-    s2 = view.scale**2
-    k, l = view.basis.shape[0], g.shape[1]
-    rows = s2 * ((view.basis @ (g @ g.T)) * view.basis).sum(1) / l  # (k, r) @ (r, r) -> (k, r)
-    cols = s2 * ((view.gram @ g) * g).sum(0) / k  # (r, r) @ (r, l) -> (r, l)
-    # Quadratic forms of PSD matrices: only rounding can make them negative.
-    return rows.clamp_(min=0), cols.clamp_(min=0)
-
-
 class LoFTAdafactor(CalibrationRule):
     """LoFT-Adafactor. ``block_elements`` bounds the ``(k, c)`` transients of the clamped case;
     ``base_norm_every`` is how often (in steps) the base weight's share of ``RMS(W)`` is refreshed."""
@@ -111,7 +101,7 @@ class LoFTAdafactor(CalibrationRule):
         self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
     ) -> None:
         g = -g_hat if group.get("maximize", False) else g_hat
-        rows, cols = row_col_mean_squares(g, view)
+        rows, cols = view.full_mean_squares(g)
         weight = float(step) ** float(group["beta2_decay"])  # 1 - beta2_t
         row_var, col_var = _canonical_stats(state, view)
         row_var.lerp_(rows.to(row_var.dtype), weight)

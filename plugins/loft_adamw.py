@@ -132,13 +132,9 @@ class LoFTAdamW(CalibrationRule):
         else:
             rows, cols = _factored_stats(state, view)
             eps2 = float(group["eps"]) ** 2
-            k, l = view.basis.shape[0], g.shape[1]
-            s2 = view.scale**2
-            gc = g.to(view.gram.dtype)
-            row_sq = s2 * ((view.basis @ (gc @ gc.T)) * view.basis).sum(1) / l + eps2  # (k,)
-            col_sq = s2 * ((view.gram @ gc) * gc).sum(0) / k + eps2  # (l,)
-            rows.lerp_(row_sq.to(rows.dtype), 1 - beta2)
-            cols.lerp_(col_sq.to(cols.dtype), 1 - beta2)
+            row_sq, col_sq = view.full_mean_squares(g.to(view.gram.dtype))
+            rows.lerp_((row_sq + eps2).to(rows.dtype), 1 - beta2)
+            cols.lerp_((col_sq + eps2).to(cols.dtype), 1 - beta2)
 
     def update(
         self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
