@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
@@ -21,14 +22,22 @@ __all__ = ["LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_
 
 @dataclass(frozen=True, eq=False)
 class LoRAPair:
-    """One adapted weight: ``W = base_weight + scale * b @ a``.
+    """One adapted weight: ``W = W0 + scale * b @ a``, with ``W0`` the frozen base weight.
 
     Args:
-        a: the ``(r, n)`` factor (peft's ``lora_A``).
-        b: the ``(m, r)`` factor (peft's ``lora_B``).
+        a: the factor parameter whose matrix is ``(r, n)`` (peft's ``lora_A``). Trailing
+            dimensions are flattened in order: a conv ``lora_A`` of shape ``(r, c_in, kh, kw)`` is
+            the matrix ``(r, c_in kh kw)``.
+        b: the factor parameter whose matrix is ``(m, r)`` (peft's ``lora_B``); trailing
+            dimensions must be 1 (a ``1 x 1`` conv kernel).
         scale: ``s``; peft's ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
-        base_weight: the frozen ``(m, n)`` weight in the same orientation, if there is one.
+        base_weight: the frozen weight, if there is one, with ``m n`` elements: ``(m, n)``, or
+            ``(m, ...)`` flattened like ``a``, or ``(n, m)`` with ``base_transposed``. It is read
+            through :meth:`base_matrix` at the moment it is needed, so the pair follows the live
+            tensor (keep the module's own parameter here, not a copy).
         name: used in messages only.
+        base_transposed: ``base_weight`` holds ``W0^T`` (peft's ``fan_in_fan_out`` layers and
+            embeddings, whose weight is ``(num_embeddings, dim)`` while ``delta W`` is ``(dim, num_embeddings)``).
     """
 
     a: Tensor
@@ -36,24 +45,31 @@ class LoRAPair:
     scale: float
     base_weight: Tensor | None = None
     name: str = ""
+    base_transposed: bool = False
 
     def __post_init__(self) -> None:
         label = self.name or "LoRAPair"
         for factor, which in ((self.a, "a"), (self.b, "b")):
-            if not isinstance(factor, Tensor) or factor.ndim != 2:
-                raise ValueError(f"{label}: factor {which} must be a 2-D tensor, got {_describe(factor)}")
+            if not isinstance(factor, Tensor) or factor.ndim < 2:
+                raise ValueError(
+                    f"{label}: factor {which} must be a tensor with at least 2 dimensions, got {_describe(factor)}"
+                )
             if not factor.is_floating_point():
                 raise ValueError(f"{label}: factor {which} must be floating point, got {factor.dtype}")
         if self.a is self.b:
             raise ValueError(f"{label}: a and b are the same tensor")
-        if self.b.shape[1] != self.a.shape[0]:
+        if self.b.shape[1] != self.a.shape[0] or any(d != 1 for d in self.b.shape[2:]):
             raise ValueError(
                 f"{label}: rank mismatch, b is {tuple(self.b.shape)} (m, r) but a is {tuple(self.a.shape)} (r, n)"
             )
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError(f"{label}: scale must be a finite non-zero number, got {self.scale!r}")
-        if self.base_weight is not None and tuple(self.base_weight.shape) != self.full_shape:
-            raise ValueError(f"{label}: base_weight is {tuple(self.base_weight.shape)} but b @ a is {self.full_shape}")
+        if self.base_weight is not None:
+            m, n = self.full_shape
+            base_shape = tuple(self.base_weight.shape)
+            lead = n if self.base_transposed else m
+            if self.base_weight.numel() != m * n or (base_shape and base_shape[0] != lead):
+                raise ValueError(f"{label}: base_weight is {base_shape} but b @ a is {self.full_shape}")
 
     @property
     def rank(self) -> int:
@@ -61,8 +77,25 @@ class LoRAPair:
 
     @property
     def full_shape(self) -> tuple[int, int]:
-        """``(m, n)``, the shape of the adapted weight."""
-        return (self.b.shape[0], self.a.shape[1])
+        """``(m, n)``, the shape of the adapted weight as a matrix."""
+        return (self.b.shape[0], math.prod(self.a.shape[1:]))
+
+    def matrix_a(self, t: Tensor) -> Tensor:
+        """A tensor shaped like ``a`` seen as the ``(r, n)`` matrix (a view)."""
+        return rearrange(t, "r ... -> r (...)")
+
+    def matrix_b(self, t: Tensor) -> Tensor:
+        """A tensor shaped like ``b`` seen as the ``(m, r)`` matrix (a view)."""
+        return rearrange(t, "m r ... -> m (r ...)")
+
+    def base_matrix(self) -> Tensor | None:
+        """``W0`` as the ``(m, n)`` matrix (detached), read from the live tensor; ``None`` without one."""
+        if self.base_weight is None:
+            return None
+        w = self.base_weight.detach()
+        if self.base_transposed:
+            return rearrange(w, "n m -> m n")
+        return rearrange(w, "m ... -> m (...)")
 
 
 def _describe(x: object) -> str:
@@ -160,8 +193,8 @@ def _peft_pairs(module: nn.Module, module_name: str) -> list[LoRAPair] | None:
         if getattr(lora_b, "bias", None) is not None and lora_b.bias.requires_grad:
             warnings.warn(f"{label}: the lora_B bias trains as an ordinary parameter", stacklevel=3)
         base = layer.get_base_layer().weight
-        base_weight = base.T if getattr(layer, "fan_in_fan_out", False) else base
-        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base_weight.detach(), label))
+        transposed = bool(getattr(layer, "fan_in_fan_out", False))
+        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base, label, base_transposed=transposed))
     return pairs
 
 
@@ -182,7 +215,7 @@ def find_lora_pairs(model_or_pairs: nn.Module | Iterable[LoRAPair]) -> list[LoRA
                 for pair in module.lora_pairs():
                     if pair.a.requires_grad or pair.b.requires_grad:
                         label = pair.name or name or type(module).__name__
-                        found.append(LoRAPair(pair.a, pair.b, pair.scale, pair.base_weight, label))
+                        found.append(replace(pair, name=label))
         if not found:
             raise ValueError(
                 f"no trainable LoRA pair found in {type(model_or_pairs).__name__}: expected peft LoRA "

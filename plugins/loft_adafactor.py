@@ -134,7 +134,7 @@ class LoFTAdafactor(CalibrationRule):
         s = view.scale
         coeff = view.coeff.to(view.gram.dtype)
         sq = s * s * (view.gram * coefficient_gram(coeff)).sum()  # ||s B A||^2 = s^2 sum((B^T B) * (A A^T))
-        base = view.pair.base_weight
+        base = view.pair.base_matrix()
         if base is None:
             if not self._warned_no_base:
                 warnings.warn(
@@ -144,7 +144,7 @@ class LoFTAdafactor(CalibrationRule):
                 self._warned_no_base = True
         else:
             if step - int(state["base_norm_step"]) >= self.base_norm_every or int(state["base_norm_step"]) == 0:
-                w0 = view.canonical(base.detach())  # (k, l)
+                w0 = view.canonical(base)  # (k, l)
                 projected = view.basis.T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
                 cross = (projected.to(coeff.dtype) * coeff).sum()
                 state["base_sq_norm"].copy_(torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s * cross)

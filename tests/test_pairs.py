@@ -75,8 +75,8 @@ def test_peft_on_transformers_models_with_both_orientations():
             gpt2, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
         )
     )
-    for pair in pairs:  # GPT-2 stores (in, out) weights: the base weight is given as (m, n)
-        assert tuple(pair.base_weight.shape) == pair.full_shape
+    for pair in pairs:  # GPT-2 stores (in, out) weights: the base matrix is read as (m, n)
+        assert pair.base_transposed and tuple(pair.base_matrix().shape) == pair.full_shape
 
 
 def test_only_trainable_adapters_are_pairs():
