@@ -96,8 +96,12 @@ def _pair(m=4, n=3, r=2):
     [
         (lambda: lo.LoRAPair(*_pair()[::-1], 1.0, name="layer7"), "layer7: rank mismatch"),
         (
-            lambda: lo.LoRAPair(torch.randn(2, 3, 1), torch.randn(4, 2), 1.0, name="conv"),
-            "conv: factor a must be a 2-D tensor",
+            lambda: lo.LoRAPair(torch.randn(3), torch.randn(4, 2), 1.0, name="vec"),
+            "vec: factor a must be a tensor with at least 2 dimensions",
+        ),
+        (
+            lambda: lo.LoRAPair(torch.randn(2, 3, 3), torch.randn(4, 2, 3), 1.0, name="conv"),
+            r"conv: rank mismatch, b is \(4, 2, 3\)",
         ),
         (lambda: lo.LoRAPair(*_pair(), float("nan"), name="x"), "x: scale must be a finite non-zero number, got nan"),
         (
