@@ -5,19 +5,21 @@ Wrap an already-built optimizer around the LoRA pairs of a model::
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = lowrank_opt.LowRankWrapper(base, model)   # LoFT-AdamW, found from the optimizer's class
 
-See ``docs/`` for the mathematics of each rule.
+See ``docs/math.md`` for the mathematics and ``docs/`` for each rule.
 """
 
+from .layout import STATE_VERSION
 from .linalg import compute_dtype
 from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
 from .registry import ENTRY_POINT_GROUP, available_rules, resolve_rule, rule_for
-from .rule import CalibrationRule, StateKind, Switches, calibrate_state, state_dtype
+from .rule import CalibrationRule, Context, StateKind, Switches, calibrate_state
 from .schedule import Schedule
-from .views import FactorView, build_view
-from .wrapper import STATE_VERSION, LowRankWrapper
+from .views import FactorView, build_view, view_of
+from .wrapper import LowRankWrapper
 
 __all__ = [
     "CalibrationRule",
+    "Context",
     "ENTRY_POINT_GROUP",
     "FactorView",
     "HasLoRAPairs",
@@ -36,7 +38,7 @@ __all__ = [
     "inject_lora",
     "resolve_rule",
     "rule_for",
-    "state_dtype",
+    "view_of",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Small dense linear algebra shared by every rule (MATH.md sections 2, 3 and 6).
+"""Small dense linear algebra shared by every rule (docs/math.md sections 2, 3 and 6).
 
 Shape symbols used throughout the package:
 
@@ -7,18 +7,22 @@ Shape symbols used throughout the package:
 * ``k, l``: rows and columns of the canonical full space of one factor
   (``k = m, l = n`` when ``A`` moves, ``k = n, l = m`` when ``B`` moves).
 * ``P = r (r + 1) / 2``: length of a packed symmetric ``r x r`` block.
+* ``G``: the number of pairs stepped together as one group (a leading batch dimension).
 
-Every ``r x r`` computation runs in :func:`compute_dtype` (float32, or float64 for
-float64 factors) and every inverse is a damped Cholesky solve, never ``inv``.
+Every function here takes any number of leading batch dimensions (``...``). Every ``r x r``
+computation runs in :func:`compute_dtype` (float32, or float64 for float64 factors) and every
+inverse is a damped Cholesky solve, never ``inv``.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "gram",
     "damped_cholesky",
     "cholesky_solve",
     "transport",
@@ -27,7 +31,7 @@ __all__ = [
     "ema_packed_outer_",
     "unpack_blocks",
     "pack_blocks",
-    "congruence_packed",
+    "congruence_packed_",
     "quadratic_form_rows",
 ]
 
@@ -35,6 +39,11 @@ __all__ = [
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype for small-matrix algebra: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram(rows: Tensor) -> Tensor:
+    """``X X^T`` (..., r, r) of ``X`` (..., r, l): the Gram of the basis whose transpose is ``X``."""
+    return rows @ rows.transpose(-2, -1)
 
 
 def damped_cholesky(gram: Tensor) -> Tensor:
@@ -46,11 +55,12 @@ def damped_cholesky(gram: Tensor) -> Tensor:
     """
     r = gram.shape[-1]
     info = torch.finfo(gram.dtype)
-    damping = 10.0 * info.eps * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / r + info.tiny**0.5
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    damping = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1).mul_(10.0 * info.eps / r).add_(info.tiny**0.5)
+    damped = gram.clone()
+    torch.diagonal(damped, dim1=-2, dim2=-1).add_(damping[..., None])
     # cholesky_ex: the damped Gram is positive definite by construction, and the plain call would
     # wait for the device to report success.
-    return torch.linalg.cholesky_ex(gram + damping[..., None, None] * eye).L
+    return torch.linalg.cholesky_ex(damped).L
 
 
 def cholesky_solve(chol: Tensor, rhs: Tensor) -> Tensor:
@@ -59,7 +69,7 @@ def cholesky_solve(chol: Tensor, rhs: Tensor) -> Tensor:
 
 
 def transport(chol_new: Tensor, cross: Tensor) -> Tensor:
-    """Calibration map ``T = Gamma_new^-1 F_new^T F_old`` (r, r) from ``cross = F_new^T F_old``."""
+    """Calibration map ``T = Gamma_new^-1 F_new^T F_old`` (..., r, r) from ``cross = F_new^T F_old``."""
     return cholesky_solve(chol_new, cross)
 
 
@@ -69,51 +79,51 @@ def triu_indices(r: int, device: torch.device | str | None = None) -> Tensor:
 
 
 def pack_outer(g: Tensor, triu: Tensor) -> Tensor:
-    """Packed outer products of the columns of ``g`` (r, l): ``(l, P)``, entry ``[j, (a, b)] = g_aj g_bj``."""
-    return (g[triu[0]] * g[triu[1]]).T
+    """Packed outer products of the columns of ``g`` (..., r, l): ``(..., l, P)``, entry ``[j, (a, b)] = g_aj g_bj``."""
+    return rearrange(g[..., triu[0], :] * g[..., triu[1], :], "... p l -> ... l p")
 
 
 def ema_packed_outer_(packed: Tensor, g: Tensor, triu: Tensor, beta: float, block_cols: int) -> None:
-    """In place, ``Q_j <- beta Q_j + (1 - beta) g_j g_j^T`` on packed rows ``(l, P)``.
+    """In place, ``Q_j <- beta Q_j + (1 - beta) g_j g_j^T`` on packed rows ``(..., l, P)``.
 
-    Works on ``block_cols`` columns of ``g`` (r, l) at a time to bound the ``(P, c)`` transient.
+    Works on ``block_cols`` columns of ``g`` (..., r, l) at a time to bound the ``(..., P, c)`` transient.
     """
-    for start in range(0, packed.shape[0], block_cols):
-        rows = packed[start : start + block_cols]
-        rows.mul_(beta).add_(pack_outer(g[:, start : start + block_cols], triu), alpha=1 - beta)
+    for start in range(0, packed.shape[-2], block_cols):
+        rows = packed[..., start : start + block_cols, :]
+        rows.mul_(beta).add_(pack_outer(g[..., start : start + block_cols], triu).to(rows.dtype), alpha=1 - beta)
 
 
 def unpack_blocks(packed: Tensor, triu: Tensor, r: int) -> Tensor:
-    """Symmetric blocks ``(c, r, r)`` from packed rows ``(c, P)``."""
-    blocks = packed.new_zeros(packed.shape[0], r, r)
-    blocks[:, triu[0], triu[1]] = packed
-    blocks[:, triu[1], triu[0]] = packed
+    """Symmetric blocks ``(..., c, r, r)`` from packed rows ``(..., c, P)``."""
+    blocks = packed.new_zeros(*packed.shape[:-1], r, r)
+    blocks[..., triu[0], triu[1]] = packed
+    blocks[..., triu[1], triu[0]] = packed
     return blocks
 
 
 def pack_blocks(blocks: Tensor, triu: Tensor) -> Tensor:
-    """Packed rows ``(c, P)`` of symmetric blocks ``(c, r, r)``."""
-    return blocks[:, triu[0], triu[1]]
+    """Packed rows ``(..., c, P)`` of symmetric blocks ``(..., c, r, r)``."""
+    return blocks[..., triu[0], triu[1]]
 
 
-def congruence_packed(packed: Tensor, t: Tensor, triu: Tensor, block_cols: int) -> None:
-    """In place, ``Q_j <- T Q_j T^T`` for every packed block row of ``packed`` (l, P).
+def congruence_packed_(packed: Tensor, t: Tensor, triu: Tensor, block_cols: int) -> None:
+    """In place, ``Q_j <- T Q_j T^T`` for every packed block row of ``packed`` (G, l, P), ``t`` (G, r, r).
 
-    Works on ``block_cols`` rows at a time so the unpacked transient stays ``(block_cols, r, r)``.
+    Works on ``block_cols`` rows at a time so the unpacked transient stays ``(G, block_cols, r, r)``.
     """
-    r = t.shape[0]
-    t = t.to(packed.dtype)
-    for start in range(0, packed.shape[0], block_cols):
-        rows = packed[start : start + block_cols]
-        blocks = unpack_blocks(rows, triu, r)  # (c, r, r)
-        rows.copy_(pack_blocks(t @ blocks @ t.T, triu))
+    r = t.shape[-1]
+    t = t.to(packed.dtype)[:, None]  # (G, 1, r, r): the same T for every column of a member
+    for start in range(0, packed.shape[-2], block_cols):
+        rows = packed[:, start : start + block_cols]
+        blocks = unpack_blocks(rows, triu, r)  # (G, c, r, r)
+        rows.copy_(pack_blocks(t @ blocks @ t.transpose(-2, -1), triu))
 
 
 def quadratic_form_rows(basis: Tensor, triu: Tensor) -> Tensor:
-    """Rows ``(k, P)`` with entry ``w_ab f_ia f_ib`` (``w = 1`` on the diagonal, 2 off it).
+    """Rows ``(..., k, P)`` with entry ``w_ab f_ia f_ib`` (``w = 1`` on the diagonal, 2 off it).
 
-    For packed blocks ``Q`` (c, P), ``quadratic_form_rows(F) @ Q.T`` is ``f_i^T Q_j f_i`` (k, c):
-    the exact second moment of MATH.md section 6 as one GEMM.
+    For packed blocks ``Q`` (..., c, P), ``quadratic_form_rows(F) @ Q^T`` is ``f_i^T Q_j f_i``
+    (..., k, c): the exact second moment of docs/math.md section 6 as one GEMM.
     """
     weight = torch.where(triu[0] == triu[1], 1.0, 2.0).to(basis.dtype)
-    return basis[:, triu[0]] * basis[:, triu[1]] * weight
+    return basis[..., triu[0]] * basis[..., triu[1]] * weight

@@ -80,6 +80,6 @@ def resolve_rule(
     else:
         raise ValueError(f"rule must be None, a registered name, a CalibrationRule class or instance, got {rule!r}")
     try:
-        return cls(**options)
+        return cls.for_optimizer(optimizer, **options)
     except TypeError as err:
         raise ValueError(f"rule {cls.name or cls.__name__!r} does not accept rule_options {options}: {err}") from None

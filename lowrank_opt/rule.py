@@ -1,17 +1,21 @@
 """The plugin contract: a calibration rule lifts one optimizer to the factors of LoRA pairs.
 
-A rule supplies four things, each in canonical coordinates of a :class:`~lowrank_opt.views.FactorView`
-(``C`` (r, l) over the frozen basis ``F`` (k, r)):
+A rule works on a *group*: ``G`` pairs of equal shape whose same factor moves this step, seen
+through a :class:`~lowrank_opt.views.FactorView` (coefficients ``C`` (G, r, l) over frozen bases
+``F`` (G, k, r)) with every statistic stacked as ``(G, ...)``. It supplies:
 
-* :meth:`CalibrationRule.init_state`: the statistics of one factor, as tensors;
-* :meth:`CalibrationRule.observe`: fold in the coefficient gradient ``g_hat`` (every step, both factors);
-* :meth:`CalibrationRule.update`: the coefficient change ``delta_C`` of the active factor (it also
-  gets this step's ``g_hat``);
 * :meth:`CalibrationRule.state_kinds`: how each statistic moves when the basis changes
-  (:class:`StateKind`); :meth:`CalibrationRule.calibrate` applies it and rarely needs overriding.
+  (:class:`StateKind`); the engine applies it (:func:`calibrate_state`);
+* :meth:`CalibrationRule.init_state`: the statistics of one factor of every member, as tensors;
+* :meth:`CalibrationRule.observe`: fold in the coefficient gradient ``g_hat`` (every step, both factors);
+* :meth:`CalibrationRule.update`: the step ``Delta`` of the active factor, its own learning rate
+  included, such that the engine moves ``C <- C (1 - lr wd) - Delta``.
 
-Rules with ``uses_base_step = True`` instead let the base optimizer's own ``step()`` move the
-active factor on ``g_hat`` and only declare their state kinds (MATH.md section 9).
+Hyperparameters arrive in an immutable :class:`Context`. The engine owns everything else: the
+gradient lift, clipping, decoupled decay, the move, the transport ``T`` and the calibration of the
+partner (docs/math.md sections 2-4). Rules with ``uses_base_step = True`` instead let the base
+optimizer's own ``step()`` move the active factor on ``g_hat`` and only declare their state
+kinds (docs/math.md section 9).
 """
 
 from __future__ import annotations
@@ -19,18 +23,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .linalg import congruence_packed, triu_indices
+from .linalg import congruence_packed_, triu_indices
 from .views import FactorView
 
-__all__ = ["StateKind", "Switches", "CalibrationRule", "calibrate_state"]
+__all__ = ["StateKind", "Switches", "Context", "CalibrationRule", "calibrate_state"]
 
-# Elements of the unpacked (c, r, r) transient while packed blocks are calibrated.
+# Elements of the unpacked (G, c, r, r) transient while packed blocks are calibrated.
 _CALIBRATION_ELEMENTS = 1 << 20
 
 
@@ -54,17 +58,46 @@ class Switches:
     project_update: bool = True
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a rule may read at one step of one group; it never changes it.
+
+    Attributes:
+        group: the param group's hyperparameters (a read-only mapping; ``lr`` and the rest as the
+            base optimizer holds them, so LR schedulers act here).
+        step: ``(G,)`` float tensor, on the factors' device and in the compute dtype: the step
+            each member is taking (1 at the first), for bias corrections.
+        switches: the ablation switches of the wrapper.
+    """
+
+    group: Mapping[str, Any]
+    step: Tensor
+    switches: Switches
+
+    @staticmethod
+    def of(group: Mapping[str, Any], step: Tensor, switches: Switches) -> Context:
+        return Context(MappingProxyType(dict(group)), step, switches)
+
+    def hyper(self, key: str) -> float:
+        """A scalar hyperparameter as a float (torch allows tensors for ``lr``)."""
+        value = self.group[key]
+        return float(value.item() if isinstance(value, Tensor) else value)
+
+    def per_member(self) -> Tensor:
+        """``step`` shaped ``(G, 1, 1)``, to broadcast against stacked matrices."""
+        return self.step[:, None, None]
+
+
 def calibrate_state(
-    state: dict[str, Any],
-    kinds: Mapping[str, StateKind],
-    t: Tensor,
-    view: FactorView,
-    switches: Switches,
+    state: Mapping[str, Tensor], kinds: Mapping[str, StateKind], t: Tensor, view: FactorView, switches: Switches
 ) -> None:
-    """Move every declared statistic of one factor to its new basis (MATH.md section 3), in place."""
+    """Move every declared statistic of one factor of a group to its new basis (docs/math.md section 3), in place.
+
+    ``state`` holds stacked ``(G, ...)`` statistics; ``t`` is ``T`` (G, r, r).
+    """
     for key, kind in kinds.items():
         value = state.get(key)
-        if not isinstance(value, Tensor):
+        if value is None:
             continue
         if kind is StateKind.LINEAR and switches.calibrate_first_moment:
             z = view.canonical(value)
@@ -73,8 +106,9 @@ def calibrate_state(
             v = view.canonical(value)
             v.copy_((t * t).to(v.dtype) @ v)
         elif kind is StateKind.BLOCK and switches.calibrate_second_moment:
-            r = t.shape[0]
-            congruence_packed(value, t, triu_indices(r, t.device), max(1, _CALIBRATION_ELEMENTS // (r * r)))
+            r = t.shape[-1]
+            block = max(1, _CALIBRATION_ELEMENTS // (t.shape[0] * r * r))
+            congruence_packed_(value, t, triu_indices(r, t.device), block)
         elif kind is StateKind.RESET:
             value.zero_()
 
@@ -83,33 +117,30 @@ class CalibrationRule:
     """Base class of every rule. Subclasses set ``name`` and ``serves`` and implement the methods.
 
     ``serves`` lists the base optimizer classes whose semantics the rule lifts; the wrapper
-    refuses any other. Hyperparameters are read from the base optimizer's param group at every
-    step, so LR schedulers and manual changes keep working.
+    refuses any other. A rule instance is built for one wrapper and is not changed by it.
     """
 
     name: ClassVar[str] = ""
     serves: ClassVar[tuple[type[Optimizer], ...]] = ()
     uses_base_step: ClassVar[bool] = False
-    # Whether the rule reads ``pair.base_weight`` (W0); sharded strategies gather it only then.
+    # Whether the rule reads the frozen base weight (W0); sharded strategies gather it only then.
     reads_base_weight: ClassVar[bool] = True
 
-    switches: Switches = Switches()
+    @classmethod
+    def for_optimizer(cls, optimizer: Optimizer, **options: Any) -> CalibrationRule:
+        """The rule instance for ``optimizer``; rules that depend on its class override this."""
+        return cls(**options)
 
-    def bind(self, base_optimizer: Optimizer, switches: Switches) -> None:
-        """Check the base optimizer and the switches; called once by the wrapper."""
+    def check(self, base_optimizer: Optimizer, groups: list[Mapping[str, Any]], switches: Switches) -> None:
+        """Refuse a base optimizer, param groups (those holding LoRA factors) or switches the rule cannot honour."""
         if not isinstance(base_optimizer, self.serves):
             served = ", ".join(cls.__name__ for cls in self.serves) or "nothing"
             raise ValueError(
                 f"rule {self.name!r} lifts {served}, not {type(base_optimizer).__name__}; pass rule=None "
                 "to pick the rule registered for this optimizer"
             )
-        for group in base_optimizer.param_groups:
+        for group in groups:
             self.check_group(group)
-        self.check_switches(switches)
-        self.switches = switches
-
-    def check_switches(self, switches: Switches) -> None:
-        """Refuse ``project_update=False`` for a rule with no update in coefficient space."""
         if not switches.project_update and not self.has_coefficient_form():
             raise ValueError(f"{self!r} has no coefficient-space form, so project_update=False is not supported")
 
@@ -118,32 +149,29 @@ class CalibrationRule:
         return False
 
     def check_group(self, group: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` for hyperparameters the rule cannot honour."""
+        """Raise ``ValueError`` for hyperparameters the rule cannot honour (also checked at every step)."""
 
     def state_kinds(self) -> Mapping[str, StateKind]:
         raise NotImplementedError
 
-    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
+    def init_state(self, view: FactorView, ctx: Context) -> dict[str, Tensor]:
+        """Zeroed statistics ``(G, ...)`` of the factor ``view.side`` of every member.
+
+        Statistics are kept in the compute dtype (``view.coeff.dtype``: float32 for half-precision
+        factors, float64 for float64 ones), on the factors' device."""
         raise NotImplementedError
 
-    def observe(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> None:
+    def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
+        """Fold ``g_hat`` (G, r, l) into the statistics, in place."""
         raise NotImplementedError
 
-    def update(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> Tensor:
+    def update(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> Tensor:
+        """The step ``Delta`` (G, r, l), learning rate included: the engine sets ``C <- C (1 - lr wd) - Delta``."""
         raise NotImplementedError
 
-    def calibrate(self, state: dict[str, Any], t: Tensor, view: FactorView) -> None:
-        """Called on a factor's statistics after its basis (the partner) moved; ``t`` is ``T``."""
-        calibrate_state(state, self.state_kinds(), t, view, self.switches)
+    def calibrate(self, state: dict[str, Tensor], t: Tensor, view: FactorView, ctx: Context) -> None:
+        """Called on a factor's statistics after its basis (the partner) moved; ``t`` is ``T`` (G, r, r)."""
+        calibrate_state(state, self.state_kinds(), t, view, ctx.switches)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Statistics are float32 for half-precision factors and follow wider factors."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32

@@ -1,4 +1,4 @@
-"""Which factor of a pair moves at a given step (MATH.md section 4)."""
+"""Which factor of a pair moves at a given step (docs/math.md section 4)."""
 
 from __future__ import annotations
 

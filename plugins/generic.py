@@ -1,4 +1,4 @@
-r"""The generic rule: any torch optimizer whose state is declared (MATH.md section 9).
+r"""The generic rule: any torch optimizer whose state is declared (docs/math.md section 9).
 
 .. math::
     \begin{aligned}
@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lowrank_opt.rule import CalibrationRule, StateKind, Switches, calibrate_state
+from lowrank_opt.rule import CalibrationRule, Context, StateKind, Switches, calibrate_state
 from lowrank_opt.views import FactorView
-from lowrank_opt.wrapper import BASIS_GRAM_KEY, STEP_KEY
 
 __all__ = ["GenericRule", "declare", "declared_kinds"]
 
@@ -91,8 +90,6 @@ declare(torch.optim.RAdam, **_STEP, exp_avg="linear", exp_avg_sq="quadratic")
 declare(torch.optim.RMSprop, **_STEP, square_avg="quadratic", momentum_buffer="linear", grad_avg="linear")
 declare(torch.optim.Adagrad, **_STEP, sum="quadratic")
 
-_WRAPPER_KEYS = frozenset((STEP_KEY, BASIS_GRAM_KEY))
-
 
 class GenericRule(CalibrationRule):
     """The base optimizer's own ``step()`` on ``g_hat``, its state re-based by declaration."""
@@ -101,33 +98,37 @@ class GenericRule(CalibrationRule):
     reads_base_weight = False
     uses_base_step = True
 
-    def __init__(self) -> None:
-        self._kinds: dict[str, StateKind] = {}
-        self._optimizer_name = ""
+    def __init__(self, kinds: Mapping[str, StateKind] | None = None, optimizer_name: str = "the optimizer") -> None:
+        self._kinds = dict(kinds or {})
+        self._optimizer_name = optimizer_name
+
+    @classmethod
+    def for_optimizer(cls, optimizer: Optimizer, **options: Any) -> CalibrationRule:
+        if options:
+            raise TypeError(f"unexpected options {sorted(options)}")
+        return cls(declared_kinds(type(optimizer)), type(optimizer).__name__)
 
     @classmethod
     def serves_optimizer(cls, optimizer_type: type) -> bool:
         """A declared class (its subclasses reach it through the registry's walk of the MRO)."""
         return optimizer_type in _DECLARATIONS
 
-    def bind(self, base_optimizer: Optimizer, switches: Switches) -> None:
-        self.check_switches(switches)
-        self._kinds = declared_kinds(type(base_optimizer))
-        self._optimizer_name = type(base_optimizer).__name__
-        for group in base_optimizer.param_groups:
+    def check(self, base_optimizer: Optimizer, groups: list[Mapping[str, Any]], switches: Switches) -> None:
+        if not switches.project_update:
+            raise ValueError(f"{self!r} has no coefficient-space form, so project_update=False is not supported")
+        for group in groups:
             self.check_group(group)
-        self.switches = switches
 
     def state_kinds(self) -> Mapping[str, StateKind]:
         return self._kinds
 
-    def calibrate(self, state: dict[str, Any], t: torch.Tensor, view: FactorView) -> None:
+    def calibrate(self, state: dict[str, torch.Tensor], t: torch.Tensor, view: FactorView, ctx: Context) -> None:
         for key in state:
-            if key not in self._kinds and key not in _WRAPPER_KEYS:
+            if key not in self._kinds:
                 raise ValueError(
                     f"generic rule: state key {key!r} of {self._optimizer_name} is not declared, so it cannot be moved "
                     "to the new basis. Declare how it follows a change of basis (linear, quadratic, full_space or "
                     f"reset) before building the wrapper, e.g.\n"
                     f'    lowrank_opt_plugins.generic.declare({self._optimizer_name}, {key}="linear")'
                 )
-        calibrate_state(state, self._kinds, t, view, self.switches)
+        calibrate_state(state, self._kinds, t, view, ctx.switches)

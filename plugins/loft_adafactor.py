@@ -1,4 +1,4 @@
-r"""LoFT-Adafactor: ``torch.optim.Adafactor`` lifted to LoRA factors (MATH.md section 7).
+r"""LoFT-Adafactor: ``torch.optim.Adafactor`` lifted to LoRA factors (docs/math.md section 7).
 
 With ``X = s F g`` the full-space image of ``g = g_hat`` (r, l), ``f_i`` row ``i`` of ``F``:
 
@@ -36,16 +36,15 @@ Departures from ``torch.optim.Adafactor``:
 * Decoupled decay multiplies the factor, which decays ``s B A`` rather than ``W`` (``W0`` is
   frozen).
 * The base-weight terms of ``RMS(W)`` cost one ``(r, k) @ (k, l)`` product with ``W0`` per step,
-  which dominates the step for large layers. ``base_norm_every = N`` recomputes them every ``N``
-  steps and keeps them in between (``N = 1``, the default, is torch's rule). A pair without a
-  base weight uses ``RMS(s B A)``, with a warning.
+  which dominates the step for large layers. ``base_norm_every = N`` recomputes them when the
+  factor moves at least ``N`` steps after their last refresh and keeps them in between (``N = 1``,
+  the default, is torch's rule). A pair without a base weight uses ``RMS(s B A)``, with a warning.
 * ``eps1 = 0`` is refused: a factor that starts at zero gives zero statistics, and torch would
   divide by them.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -53,14 +52,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
-from lowrank_opt.views import FactorView, coefficient_gram
+from lowrank_opt.linalg import gram
+from lowrank_opt.rule import CalibrationRule, Context, StateKind
+from lowrank_opt.views import FactorView
 
 __all__ = ["LoFTAdafactor"]
 
 
 class LoFTAdafactor(CalibrationRule):
-    """LoFT-Adafactor. ``block_elements`` bounds the ``(k, c)`` transients of the clamped case;
+    """LoFT-Adafactor. ``block_elements`` bounds the ``(G, k, c)`` transients of the clamped case;
     ``base_norm_every`` is how often (in steps) the base weight's share of ``RMS(W)`` is refreshed."""
 
     name = "loft_adafactor"
@@ -73,7 +73,7 @@ class LoFTAdafactor(CalibrationRule):
             raise ValueError(f"base_norm_every must be a positive integer, got {base_norm_every!r}")
         self.block_elements = block_elements
         self.base_norm_every = base_norm_every
-        self._warned_no_base = False
+        self._warned_no_base = False  # the warning below, once per rule instance (one per wrapper)
 
     def __repr__(self) -> str:
         return f"LoFTAdafactor(base_norm_every={self.base_norm_every})"
@@ -84,106 +84,103 @@ class LoFTAdafactor(CalibrationRule):
             raise ValueError(f"loft_adafactor needs eps1 > 0 or None (the dtype's eps), got eps=({eps1!r}, ...)")
 
     def state_kinds(self) -> Mapping[str, StateKind]:
-        kinds = ("row_var", "col_var", "base_sq_norm", "base_norm_step")
-        return dict.fromkeys(kinds, StateKind.FULL_SPACE)
+        return dict.fromkeys(("row_var", "col_var", "base_sq_norm", "base_norm_step"), StateKind.FULL_SPACE)
 
-    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        p = view.param
+    def init_state(self, view: FactorView, ctx: Context) -> dict[str, Tensor]:
         m, n = view.full_shape
 
         def zeros(*shape: int) -> Tensor:
-            return torch.zeros(shape, dtype=state_dtype(p), device=p.device)
+            return torch.zeros((view.coeff.shape[0], *shape), dtype=view.coeff.dtype, device=view.coeff.device)
 
         # base_sq_norm: ||W0||^2 + 2 s <W0, B A>, refreshed at step base_norm_step (see base_norm_every).
         return {"row_var": zeros(m), "col_var": zeros(n), "base_sq_norm": zeros(), "base_norm_step": zeros()}
 
-    def observe(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> None:
-        g = -g_hat if group.get("maximize", False) else g_hat
+    def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
+        g = -g_hat if ctx.group.get("maximize", False) else g_hat
         rows, cols = view.full_mean_squares(g)
-        weight = float(step) ** float(group["beta2_decay"])  # 1 - beta2_t
+        weight = ctx.step.pow(float(ctx.group["beta2_decay"]))[:, None]  # 1 - beta2_t, (G, 1)
         row_var, col_var = _canonical_stats(state, view)
-        row_var.lerp_(rows.to(row_var.dtype), weight)
-        col_var.lerp_(cols.to(col_var.dtype), weight)
+        row_var.lerp_(rows.to(row_var.dtype), weight.to(row_var.dtype))
+        col_var.lerp_(cols.to(col_var.dtype), weight.to(col_var.dtype))
 
-    def update(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> Tensor:
-        lr, wd, d = float(group["lr"]), float(group["weight_decay"]), float(group["d"])
-        eps1, eps2 = group["eps"]
-        eps1 = float(eps1) if eps1 is not None else torch.finfo(view.param.dtype).eps
+    def update(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> Tensor:
+        lr, d = ctx.hyper("lr"), float(ctx.group["d"])
+        eps1, eps2 = ctx.group["eps"]
+        eps1 = float(eps1) if eps1 is not None else torch.finfo(view.pairs[0].a.dtype).eps
         dtype = view.gram.dtype
-        g = (-g_hat if group.get("maximize", False) else g_hat).to(dtype)
-        alpha = max(float(eps2), self._weight_rms(state, view, step)) * min(lr, 1 / math.sqrt(step))
+        g = (-g_hat if ctx.group.get("maximize", False) else g_hat).to(dtype)
+        rms = self._weight_rms(state, view, ctx)
+        alpha = rms.clamp(min=float(eps2)) * ctx.step.rsqrt().clamp(max=lr)  # (G,)
 
-        denom = max(state["row_var"].mean().item(), eps1)  # D: torch averages the original rows
+        denom = state["row_var"].to(dtype).mean(-1).clamp(min=eps1)  # D: torch averages the original rows
         rows, cols = (v.to(dtype) for v in _canonical_stats(state, view))
-        k, l = rows.shape[0], cols.shape[0]
-        lowest = (rows.min() * cols.min()).item()
-        if lowest > 0 and lowest / denom >= eps1 * eps1:
-            direction, sq_norm = _separable_update(g, view, rows, cols, denom)
-        else:
-            direction, sq_norm = self._blocked_update(g, view, rows, cols, denom, eps1)
-        clip = max(1.0, math.sqrt(sq_norm / (k * l)) / d)
-        delta = direction.mul_(-alpha / clip)
-        return delta.sub_(view.coeff.to(dtype), alpha=lr * wd) if wd else delta
+        k, l = rows.shape[-1], cols.shape[-1]
+        lowest = rows.amin(-1) * cols.amin(-1)
+        separable = (lowest > 0) & (lowest / denom >= eps1 * eps1)  # (G,): no clamp is active
+        direction, sq_norm = _separable_update(g, view, rows, cols, denom)
+        if not bool(separable.all()):
+            blocked, blocked_sq = self._blocked_update(g, view, rows, cols, denom, eps1)
+            direction = torch.where(separable[:, None, None], direction, blocked)
+            sq_norm = torch.where(separable, sq_norm, blocked_sq)
+        clip = (sq_norm / (k * l)).sqrt().div(d).clamp(min=1.0)
+        return direction * (alpha / clip)[:, None, None]
 
-    def _weight_rms(self, state: dict[str, Any], view: FactorView, step: int) -> float:
-        """``RMS(W0 + s B A)`` before this step, from ``r x r`` products and the base-weight terms."""
-        s = view.scale
-        coeff = view.coeff.to(view.gram.dtype)
-        sq = s * s * (view.gram * coefficient_gram(coeff)).sum()  # ||s B A||^2 = s^2 sum((B^T B) * (A A^T))
-        base = view.pair.base_matrix()
-        if base is None:
-            if not self._warned_no_base:
-                warnings.warn(
-                    f"loft_adafactor: {view.pair.name or 'a pair'} has no base weight; the relative step uses RMS(s B A)",
-                    stacklevel=4,
-                )
+    def _weight_rms(self, state: dict[str, Tensor], view: FactorView, ctx: Context) -> Tensor:
+        """``RMS(W0 + s B A)`` (G,) before this step, from ``r x r`` products and the base-weight terms."""
+        s = view.scale[:, 0, 0]
+        coeff = view.coeff
+        sq = s * s * (view.gram * gram(coeff)).sum((-2, -1))  # ||s B A||^2 = s^2 sum((B^T B) * (A A^T))
+        counts, refreshed = ctx.step.tolist(), state["base_norm_step"].tolist()
+        for i, w0 in enumerate(view.base_matrices()):
+            if w0 is None and not self._warned_no_base:
                 self._warned_no_base = True
-        else:
-            if step - int(state["base_norm_step"]) >= self.base_norm_every or int(state["base_norm_step"]) == 0:
-                w0 = view.canonical(base)  # (k, l)
-                projected = view.basis.T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
-                cross = (projected.to(coeff.dtype) * coeff).sum()
-                state["base_sq_norm"].copy_(torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s * cross)
-                state["base_norm_step"].fill_(step)
-            sq = sq + state["base_sq_norm"].to(sq.dtype)
+                warnings.warn(
+                    f"loft_adafactor: {view.pairs[i].name or 'a pair'} has no base weight; the relative step uses RMS(s B A)",
+                    stacklevel=5,
+                )
+            elif w0 is not None and (refreshed[i] == 0 or counts[i] - refreshed[i] >= self.base_norm_every):
+                projected = view.basis[i].T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
+                cross = (projected.to(coeff.dtype) * coeff[i]).sum()
+                base_sq = torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s[i] * cross
+                state["base_sq_norm"][i] = base_sq.to(state["base_sq_norm"].dtype)
+                state["base_norm_step"][i] = counts[i]
+        sq = sq + state["base_sq_norm"].to(sq.dtype)
         m, n = view.full_shape
-        return math.sqrt(max(sq.item(), 0.0) / (m * n))
+        return (sq.clamp(min=0) / (m * n)).sqrt()
 
     def _blocked_update(
-        self, g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: float, eps1: float
-    ) -> tuple[Tensor, float]:
-        """``Gamma^-1 F^T U / s`` and ``||U||^2`` with torch's clamp, over blocks of columns."""
+        self, g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: Tensor, eps1: float
+    ) -> tuple[Tensor, Tensor]:
+        """``Gamma^-1 F^T U / s`` and ``||U||^2`` (G,) with torch's clamp, over blocks of columns."""
         f, s = view.basis, view.scale
-        k, l = f.shape[0], g.shape[1]
-        block = max(1, min(l, self.block_elements // max(k, 1)))
+        members, k, l = f.shape[0], f.shape[1], g.shape[-1]
+        block = max(1, min(l, self.block_elements // max(members * k, 1)))
         out = torch.empty_like(g)
-        sq_norm = torch.zeros((), dtype=g.dtype, device=g.device)
+        sq_norm = torch.zeros(members, dtype=g.dtype, device=g.device)
+        ft = f.transpose(-2, -1)
         for start in range(0, l, block):
             part = slice(start, start + block)
-            u = torch.outer(rows, cols[part]).div_(denom).clamp_(min=eps1 * eps1).rsqrt_()  # (k, c)
-            u.mul_(f @ g[:, part]).mul_(s)  # U = X / sqrt(V_hat), X = s F g: (k, r) @ (r, c)
-            sq_norm += u.square().sum()
-            out[:, part] = f.T @ u  # (r, k) @ (k, c) -> (r, c)
-        return view.solve(out) / s, sq_norm.item()
+            u = (rows[:, :, None] * cols[:, None, part]).div_(denom[:, None, None]).clamp_(min=eps1 * eps1).rsqrt_()
+            u.mul_(f @ g[..., part]).mul_(s)  # U = X / sqrt(V_hat), X = s F g: (k, r) @ (r, c)
+            sq_norm += u.square().sum((-2, -1))
+            out[..., part] = ft @ u  # (r, k) @ (k, c) -> (r, c)
+        return view.solve(out) / s, sq_norm
 
 
-def _separable_update(g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: float) -> tuple[Tensor, float]:
+def _separable_update(g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
     """The no-clamp case: ``U = sqrt(D) D_R^-1/2 X D_K^-1/2``, in ``r x r`` algebra only."""
     f, s = view.basis, view.scale
+    ft = f.transpose(-2, -1)
     inv_rows, inv_cols = rows.reciprocal(), cols.reciprocal()
-    weighted = view.solve(f.T @ (inv_rows.sqrt()[:, None] * f))  # Gamma^-1 F^T D_R^-1/2 F: (r, k) @ (k, r)
-    direction = (math.sqrt(denom) * weighted) @ g * inv_cols.sqrt()  # (r, r) @ (r, l)
-    row_quad = f.T @ (inv_rows[:, None] * f)  # F^T D_R^-1 F
-    col_quad = (g * inv_cols) @ g.T  # g D_K^-1 g^T: (r, l) @ (l, r)
-    sq_norm = denom * s * s * (row_quad * col_quad).sum().item()
+    weighted = view.solve(ft @ (inv_rows.sqrt()[..., None] * f))  # Gamma^-1 F^T D_R^-1/2 F: (r, k) @ (k, r)
+    direction = (denom.sqrt()[:, None, None] * weighted) @ g * inv_cols.sqrt()[:, None, :]  # (r, r) @ (r, l)
+    row_quad = ft @ (inv_rows[..., None] * f)  # F^T D_R^-1 F
+    col_quad = (g * inv_cols[:, None, :]) @ g.transpose(-2, -1)  # g D_K^-1 g^T: (r, l) @ (l, r)
+    sq_norm = denom * s[:, 0, 0].square() * (row_quad * col_quad).sum((-2, -1))
     return direction, sq_norm
 
 
-def _canonical_stats(state: dict[str, Any], view: FactorView) -> tuple[Tensor, Tensor]:
-    """``row_var`` and ``col_var`` as statistics of the canonical rows (k,) and columns (l,)."""
+def _canonical_stats(state: dict[str, Tensor], view: FactorView) -> tuple[Tensor, Tensor]:
+    """``row_var`` and ``col_var`` as statistics of the canonical rows (G, k) and columns (G, l)."""
     rows, cols = state["row_var"], state["col_var"]
     return (cols, rows) if view.transposed else (rows, cols)

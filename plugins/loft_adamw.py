@@ -1,4 +1,4 @@
-r"""LoFT-AdamW: ``torch.optim.AdamW`` lifted to LoRA factors (MATH.md section 6).
+r"""LoFT-AdamW: ``torch.optim.AdamW`` lifted to LoRA factors (docs/math.md section 6).
 
 .. math::
     \begin{aligned}
@@ -32,7 +32,11 @@ root instead of ``eps`` outside it (that is what keeps it separable); ``amsgrad`
 decay is an L2 term, not a decoupled one). With ``project_update=False`` the update is Adam in
 coefficient space, ``M / (sqrt(diag Q) + eps)``, the ablation without full-space reconstruction.
 In ``exact`` mode ``V`` is floored at the Cauchy-Schwarz bound of Adam's moments (see
-``_second_moment_floor``): a float32 safeguard that exact arithmetic never triggers.
+``second_moment_floor``): a float32 safeguard that exact arithmetic never triggers.
+
+Each mode is a small strategy object (:class:`ExactSecondMoment`, :class:`FactoredSecondMoment`,
+:class:`DiagonalSecondMoment`) holding its statistics, how they are observed and how they turn
+the first moment into a direction; every tensor carries the group dimension ``G``.
 """
 
 from __future__ import annotations
@@ -44,176 +48,14 @@ import torch
 from torch import Tensor
 
 from lowrank_opt.linalg import ema_packed_outer_, quadratic_form_rows, triu_indices
-from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
+from lowrank_opt.rule import CalibrationRule, Context, StateKind
 from lowrank_opt.views import FactorView
 
-__all__ = ["LoFTAdamW"]
-
-_MODES = ("exact", "factored", "diagonal")
+__all__ = ["LoFTAdamW", "ExactSecondMoment", "FactoredSecondMoment", "DiagonalSecondMoment", "second_moment_floor"]
 
 
-class LoFTAdamW(CalibrationRule):
-    """LoFT-AdamW. ``second_moment`` picks ``exact``, ``factored`` or ``diagonal``;
-    ``block_elements`` bounds the ``(k, c)`` transients of the exact evaluation (default: 2^19 on
-    CPU, where blocks that stay in cache are fastest, and 2^22 on accelerators, where fewer and
-    larger kernels are)."""
-
-    name = "loft_adamw"
-    reads_base_weight = False
-    serves = (torch.optim.AdamW, torch.optim.Adam)
-
-    def __init__(
-        self, second_moment: Literal["exact", "factored", "diagonal"] = "exact", block_elements: int | None = None
-    ) -> None:
-        if second_moment not in _MODES:
-            raise ValueError(f"second_moment must be one of {_MODES}, got {second_moment!r}")
-        if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
-            raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
-        self.second_moment = second_moment
-        self.block_elements = block_elements
-
-    def __repr__(self) -> str:
-        return f"LoFTAdamW(second_moment={self.second_moment!r})"
-
-    def has_coefficient_form(self) -> bool:
-        return self.second_moment != "factored"  # factored statistics live in full space only
-
-    def check_group(self, group: Mapping[str, Any]) -> None:
-        for flag in ("amsgrad", "maximize"):
-            if group.get(flag, False):
-                raise ValueError(f"loft_adamw does not support {flag}=True")
-        if group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", False):
-            raise ValueError(
-                f"loft_adamw: torch.optim.Adam's weight_decay={group['weight_decay']} is a coupled L2 term; "
-                "use torch.optim.AdamW (decoupled) or weight_decay=0"
-            )
-
-    def state_kinds(self) -> Mapping[str, StateKind]:
-        if self.second_moment == "exact":
-            return {"exp_avg": StateKind.LINEAR, "exp_avg_sq": StateKind.BLOCK}
-        if self.second_moment == "factored":
-            return {
-                "exp_avg": StateKind.LINEAR,
-                "exp_avg_sq_row": StateKind.FULL_SPACE,
-                "exp_avg_sq_col": StateKind.FULL_SPACE,
-            }
-        return {"exp_avg": StateKind.LINEAR, "exp_avg_sq": StateKind.QUADRATIC}
-
-    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        p = view.param
-        r, l = view.coeff.shape
-
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(shape, dtype=state_dtype(p), device=p.device)
-
-        state = {"exp_avg": zeros(*p.shape)}
-        if self.second_moment == "exact":
-            state["exp_avg_sq"] = zeros(l, r * (r + 1) // 2)
-        elif self.second_moment == "factored":
-            m, n = view.full_shape
-            state["exp_avg_sq_row"] = zeros(m)
-            state["exp_avg_sq_col"] = zeros(n)
-        else:
-            state["exp_avg_sq"] = zeros(*p.shape)
-        return state
-
-    def observe(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> None:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        g = g_hat.to(state["exp_avg"].dtype)
-        view.canonical(state["exp_avg"]).lerp_(g, 1 - beta1)
-        if self.second_moment == "exact":
-            r = g.shape[0]
-            block = max(1, self._block_elements(g.device) // (r * (r + 1) // 2))
-            ema_packed_outer_(state["exp_avg_sq"], g, triu_indices(r, g.device), beta2, block)
-        elif self.second_moment == "diagonal":
-            view.canonical(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        else:
-            rows, cols = _factored_stats(state, view)
-            eps2 = float(group["eps"]) ** 2
-            row_sq, col_sq = view.full_mean_squares(g.to(view.gram.dtype))
-            rows.lerp_((row_sq + eps2).to(rows.dtype), 1 - beta2)
-            cols.lerp_((col_sq + eps2).to(cols.dtype), 1 - beta2)
-
-    def update(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> Tensor:
-        beta1, beta2 = (float(b) for b in group["betas"])
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        dtype = view.gram.dtype
-        m_hat = view.canonical(state["exp_avg"]).to(dtype) / bc1  # (r, l)
-        if not self.switches.project_update:
-            direction = m_hat / (self._coefficient_second_moment(state, view).div(bc2).sqrt() + eps)
-        elif self.second_moment == "factored":
-            direction = self._factored_direction(state, view, m_hat, bc2)
-        else:
-            floor = _second_moment_floor(beta1, beta2, step) if self._bound_holds() else None
-            direction = self._projected_direction(state, view, m_hat, bc2, eps, floor)
-        return -lr * wd * view.coeff.to(dtype) - lr * direction
-
-    def _bound_holds(self) -> bool:
-        """The Cauchy-Schwarz floor is a theorem only when ``M`` and ``Q`` move with the same ``T``."""
-        sw = self.switches
-        return self.second_moment == "exact" and sw.calibrate_first_moment == sw.calibrate_second_moment
-
-    def _block_elements(self, device: torch.device) -> int:
-        if self.block_elements is not None:
-            return self.block_elements
-        return 1 << 19 if device.type == "cpu" else 1 << 22
-
-    def _coefficient_second_moment(self, state: dict[str, Any], view: FactorView) -> Tensor:
-        """``diag(Q_j)`` (exact) or ``v`` (diagonal) as ``(r, l)``."""
-        dtype = view.gram.dtype
-        if self.second_moment == "exact":
-            r = view.coeff.shape[0]
-            triu = triu_indices(r, view.gram.device)
-            diagonal = (triu[0] == triu[1]).nonzero().squeeze(1)
-            return state["exp_avg_sq"][:, diagonal].T.to(dtype)
-        return view.canonical(state["exp_avg_sq"]).to(dtype)
-
-    def _projected_direction(
-        self, state: dict[str, Any], view: FactorView, m_hat: Tensor, bc2: float, eps: float, floor: float | None
-    ) -> Tensor:
-        """``Gamma^-1 F^T U / s`` with ``U = s F M_hat / (sqrt(s^2 V / bc2) + eps)``, column block by block.
-
-        With ``floor``, ``V / bc2`` is raised to ``floor * (f_i^T M_hat_j)^2`` where it falls below:
-        see :func:`_second_moment_floor`."""
-        f, s = view.basis, view.scale
-        if self.second_moment == "exact":
-            rows = quadratic_form_rows(f, triu_indices(f.shape[1], f.device))  # (k, P)
-            stats = state["exp_avg_sq"]  # (l, P)
-        else:
-            rows = f * f  # (k, r)
-            stats = view.canonical(state["exp_avg_sq"]).T  # (l, r)
-        k, l = f.shape[0], m_hat.shape[1]
-        block = max(1, min(l, self._block_elements(f.device) // max(k, 1)))
-        out = torch.empty_like(m_hat)
-        for start in range(0, l, block):
-            cols = slice(start, start + block)
-            first = f @ m_hat[:, cols]  # (k, r) @ (r, c) -> (k, c)
-            denom = (rows @ stats[cols].T.to(rows.dtype)).div_(bc2)  # (k, q) @ (q, c) -> (k, c)
-            if floor is not None:
-                torch.maximum(denom, first.square().mul_(floor), out=denom)
-            denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
-            u = first.mul_(s).div_(denom)
-            out[:, cols] = f.T @ u  # (r, k) @ (k, c) -> (r, c)
-        return view.solve(out) / s
-
-    def _factored_direction(self, state: dict[str, Any], view: FactorView, m_hat: Tensor, bc2: float) -> Tensor:
-        """``Gamma^-1 (F^T diag(a) F) M_hat diag(b)`` with ``a = (R_hat / mean R_hat)^-1/2``, ``b = K_hat^-1/2``."""
-        rows, cols = _factored_stats(state, view)
-        dtype = view.gram.dtype
-        r_hat, k_hat = rows.to(dtype) / bc2, cols.to(dtype) / bc2
-        a = (r_hat / r_hat.mean()).rsqrt()  # (k,)
-        b = k_hat.rsqrt()  # (l,)
-        weighted = view.basis.T @ (a[:, None] * view.basis)  # (r, k) @ (k, r) -> (r, r)
-        return view.solve(weighted @ m_hat) * b
-
-
-def _second_moment_floor(beta1: float, beta2: float, step: int) -> float | None:
-    """``c`` with ``V_hat >= c M_hat^2`` entry by entry, a theorem of Adam's moments.
+def second_moment_floor(beta1: float, beta2: float, step: Tensor) -> Tensor | None:
+    """``c`` (shaped like ``step``) with ``V_hat >= c M_hat^2`` entry by entry, a theorem of Adam's moments.
 
     By Cauchy-Schwarz over the past gradients, ``(f^T M)^2 <= K_t f^T Q f`` with
     ``K_t = (1 - b1)^2 / (1 - b2) * sum_{u < t} (b1^2 / b2)^u``, so after bias correction
@@ -229,7 +71,224 @@ def _second_moment_floor(beta1: float, beta2: float, step: int) -> float | None:
     return (1.0 - beta1**step) ** 2 / (k_t * (1.0 - beta2**step))
 
 
-def _factored_stats(state: dict[str, Any], view: FactorView) -> tuple[Tensor, Tensor]:
-    """Row and column statistics in canonical orientation, ``(k,)`` and ``(l,)``."""
-    rows, cols = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    return (cols, rows) if view.transposed else (rows, cols)
+def _zeros(view: FactorView, *shape: int) -> Tensor:
+    return torch.zeros((view.coeff.shape[0], *shape), dtype=view.coeff.dtype, device=view.coeff.device)
+
+
+def _matrix_shape(view: FactorView) -> tuple[int, int]:
+    """The factor's matrix shape in its own orientation: ``(r, n)`` for ``a``, ``(m, r)`` for ``b``."""
+    r, l = view.coeff.shape[-2:]
+    return (r, l) if view.side == "a" else (l, r)
+
+
+def projected_direction(
+    view: FactorView,
+    m_hat: Tensor,
+    rows: Tensor,
+    stats: Tensor,
+    bc2: Tensor,
+    eps: float,
+    floor: Tensor | None,
+    block_elements: int,
+) -> Tensor:
+    """``Gamma^-1 F^T U / s`` with ``U = s F M_hat / (sqrt(s^2 (rows @ stats^T) / bc2) + eps)``, column block by column block.
+
+    ``rows`` (G, k, q) and ``stats`` (G, l, q) factor the second moment ``V = rows @ stats^T``; with
+    ``floor`` (G, 1, 1), ``V / bc2`` is raised to ``floor * (f_i^T M_hat_j)^2`` where it falls below
+    (:func:`second_moment_floor`). Transients stay ``(G, k, c)`` with ``G k c <= block_elements``.
+    """
+    f, s = view.basis, view.scale
+    g, k, l = f.shape[0], f.shape[1], m_hat.shape[-1]
+    block = max(1, min(l, block_elements // max(g * k, 1)))
+    out = torch.empty_like(m_hat)
+    ft = f.transpose(-2, -1)
+    for start in range(0, l, block):
+        cols = slice(start, start + block)
+        first = f @ m_hat[..., cols]  # (k, r) @ (r, c) -> (k, c)
+        denom = (rows @ stats[:, cols].transpose(-2, -1).to(rows.dtype)).div_(bc2)  # (k, q) @ (q, c) -> (k, c)
+        if floor is not None:
+            torch.maximum(denom, first.square().mul_(floor), out=denom)
+        denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
+        u = first.mul_(s).div_(denom)
+        out[..., cols] = ft @ u  # (r, k) @ (k, c) -> (r, c)
+    return view.solve(out) / s
+
+
+class ExactSecondMoment:
+    """Per-column ``r x r`` blocks ``Q_j``, packed ``(l, P)``, re-based as ``Q_j <- T Q_j T^T``."""
+
+    name = "exact"
+    has_coefficient_form = True
+
+    def __init__(self, block_elements: int | None) -> None:
+        self.block_elements = block_elements
+
+    def kinds(self) -> dict[str, StateKind]:
+        return {"exp_avg_sq": StateKind.BLOCK}
+
+    def init(self, view: FactorView) -> dict[str, Tensor]:
+        r, l = view.coeff.shape[-2:]
+        return {"exp_avg_sq": _zeros(view, l, r * (r + 1) // 2)}
+
+    def elements(self, device: torch.device) -> int:
+        """Transient budget: blocks that stay in cache are fastest on CPU, fewer larger kernels elsewhere."""
+        if self.block_elements is not None:
+            return self.block_elements
+        return 1 << 19 if device.type == "cpu" else 1 << 22
+
+    def observe(self, state: dict[str, Tensor], g: Tensor, view: FactorView, beta2: float, eps: float) -> None:
+        g_count, r = g.shape[0], g.shape[-2]
+        block = max(1, self.elements(g.device) // (g_count * r * (r + 1) // 2))
+        ema_packed_outer_(state["exp_avg_sq"], g, triu_indices(r, g.device), beta2, block)
+
+    def direction(
+        self, state: dict[str, Tensor], view: FactorView, m_hat: Tensor, bc2: Tensor, eps: float, floor: Tensor | None
+    ) -> Tensor:
+        rows = quadratic_form_rows(view.basis, triu_indices(view.basis.shape[-1], view.basis.device))  # (G, k, P)
+        return projected_direction(view, m_hat, rows, state["exp_avg_sq"], bc2, eps, floor, self.elements(m_hat.device))
+
+    def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
+        """``diag(Q_j)`` as ``(G, r, l)``."""
+        r = view.coeff.shape[-2]
+        triu = triu_indices(r, view.gram.device)
+        diagonal = (triu[0] == triu[1]).nonzero().squeeze(1)
+        return state["exp_avg_sq"][..., diagonal].transpose(-2, -1).to(view.gram.dtype)
+
+
+class DiagonalSecondMoment(ExactSecondMoment):
+    """A diagonal ``v`` (r, l) in coefficient space, re-based as ``(T * T) v``; ``V_ij = s^2 sum_a f_ia^2 v_aj``."""
+
+    name = "diagonal"
+
+    def kinds(self) -> dict[str, StateKind]:
+        return {"exp_avg_sq": StateKind.QUADRATIC}
+
+    def init(self, view: FactorView) -> dict[str, Tensor]:
+        return {"exp_avg_sq": _zeros(view, *_matrix_shape(view))}
+
+    def observe(self, state: dict[str, Tensor], g: Tensor, view: FactorView, beta2: float, eps: float) -> None:
+        view.canonical(state["exp_avg_sq"]).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+    def direction(
+        self, state: dict[str, Tensor], view: FactorView, m_hat: Tensor, bc2: Tensor, eps: float, floor: Tensor | None
+    ) -> Tensor:
+        stats = view.canonical(state["exp_avg_sq"]).transpose(-2, -1)  # (G, l, r)
+        f = view.basis
+        return projected_direction(view, m_hat, f * f, stats, bc2, eps, None, self.elements(m_hat.device))
+
+    def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
+        return view.canonical(state["exp_avg_sq"]).to(view.gram.dtype)
+
+
+class FactoredSecondMoment:
+    """Row and column mean squares of the full-space gradient ``X = s F g`` (``O(k + l)`` state):
+    ``U = M^full * (R_i K_j / mean(R))^-1/2``, so ``Gamma^-1 F^T U / s = Gamma^-1 (F^T diag(a) F) M diag(b)``."""
+
+    name = "factored"
+    has_coefficient_form = False  # its statistics live in full space only
+
+    def kinds(self) -> dict[str, StateKind]:
+        return {"exp_avg_sq_row": StateKind.FULL_SPACE, "exp_avg_sq_col": StateKind.FULL_SPACE}
+
+    def init(self, view: FactorView) -> dict[str, Tensor]:
+        m, n = view.full_shape
+        return {"exp_avg_sq_row": _zeros(view, m), "exp_avg_sq_col": _zeros(view, n)}
+
+    @staticmethod
+    def _canonical(state: dict[str, Tensor], view: FactorView) -> tuple[Tensor, Tensor]:
+        """Row and column statistics in canonical orientation, ``(G, k)`` and ``(G, l)``."""
+        rows, cols = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        return (cols, rows) if view.transposed else (rows, cols)
+
+    def observe(self, state: dict[str, Tensor], g: Tensor, view: FactorView, beta2: float, eps: float) -> None:
+        rows, cols = self._canonical(state, view)
+        row_sq, col_sq = view.full_mean_squares(g.to(view.gram.dtype))
+        rows.lerp_((row_sq + eps * eps).to(rows.dtype), 1 - beta2)
+        cols.lerp_((col_sq + eps * eps).to(cols.dtype), 1 - beta2)
+
+    def direction(
+        self, state: dict[str, Tensor], view: FactorView, m_hat: Tensor, bc2: Tensor, eps: float, floor: Tensor | None
+    ) -> Tensor:
+        rows, cols = self._canonical(state, view)
+        dtype = view.gram.dtype
+        bc = bc2[..., 0]  # (G, 1)
+        r_hat, k_hat = rows.to(dtype) / bc, cols.to(dtype) / bc
+        a = (r_hat / r_hat.mean(-1, keepdim=True)).rsqrt()  # (G, k)
+        b = k_hat.rsqrt()  # (G, l)
+        weighted = view.basis.transpose(-2, -1) @ (a[..., None] * view.basis)  # (r, k) @ (k, r) -> (r, r)
+        return view.solve(weighted @ m_hat) * b[:, None, :]
+
+
+SecondMoment = ExactSecondMoment | FactoredSecondMoment
+
+
+class LoFTAdamW(CalibrationRule):
+    """LoFT-AdamW. ``second_moment`` picks ``exact``, ``factored`` or ``diagonal``;
+    ``block_elements`` bounds the ``(G, k, c)`` transients of the exact and diagonal evaluation
+    (default: 2^19 on CPU, where blocks that stay in cache are fastest, and 2^22 on accelerators,
+    where fewer and larger kernels are)."""
+
+    name = "loft_adamw"
+    reads_base_weight = False
+    serves = (torch.optim.AdamW, torch.optim.Adam)
+
+    def __init__(
+        self, second_moment: Literal["exact", "factored", "diagonal"] = "exact", block_elements: int | None = None
+    ) -> None:
+        if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
+            raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
+        modes: dict[str, SecondMoment] = {
+            "exact": ExactSecondMoment(block_elements),
+            "factored": FactoredSecondMoment(),
+            "diagonal": DiagonalSecondMoment(block_elements),
+        }
+        if second_moment not in modes:
+            raise ValueError(f"second_moment must be one of {tuple(modes)}, got {second_moment!r}")
+        self.mode = modes[second_moment]
+
+    @property
+    def second_moment(self) -> str:
+        return self.mode.name
+
+    def __repr__(self) -> str:
+        return f"LoFTAdamW(second_moment={self.second_moment!r})"
+
+    def has_coefficient_form(self) -> bool:
+        return self.mode.has_coefficient_form
+
+    def check_group(self, group: Mapping[str, Any]) -> None:
+        for flag in ("amsgrad", "maximize"):
+            if group.get(flag, False):
+                raise ValueError(f"loft_adamw does not support {flag}=True")
+        if group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", False):
+            raise ValueError(
+                f"loft_adamw: torch.optim.Adam's weight_decay={group['weight_decay']} is a coupled L2 term; "
+                "use torch.optim.AdamW (decoupled) or weight_decay=0"
+            )
+
+    def state_kinds(self) -> Mapping[str, StateKind]:
+        return {"exp_avg": StateKind.LINEAR, **self.mode.kinds()}
+
+    def init_state(self, view: FactorView, ctx: Context) -> dict[str, Tensor]:
+        return {"exp_avg": _zeros(view, *_matrix_shape(view)), **self.mode.init(view)}
+
+    def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
+        beta1, beta2 = (float(b) for b in ctx.group["betas"])
+        g = g_hat.to(state["exp_avg"].dtype)
+        view.canonical(state["exp_avg"]).lerp_(g, 1 - beta1)
+        self.mode.observe(state, g, view, beta2, ctx.hyper("eps"))
+
+    def update(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> Tensor:
+        beta1, beta2 = (float(b) for b in ctx.group["betas"])
+        lr, eps = ctx.hyper("lr"), ctx.hyper("eps")
+        step = ctx.per_member()  # (G, 1, 1)
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        m_hat = view.canonical(state["exp_avg"]).to(view.gram.dtype) / bc1  # (G, r, l)
+        if not ctx.switches.project_update:
+            second = self.mode.coefficient_second_moment(state, view)  # type: ignore[union-attr]
+            return lr * m_hat / (second.div(bc2).sqrt() + eps)
+        switches = ctx.switches
+        # The floor is a theorem only when M and Q move with the same T.
+        bound = self.second_moment == "exact" and switches.calibrate_first_moment == switches.calibrate_second_moment
+        floor = second_moment_floor(beta1, beta2, step) if bound else None
+        return lr * self.mode.direction(state, view, m_hat, bc2, eps, floor)

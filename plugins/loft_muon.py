@@ -1,4 +1,4 @@
-r"""LoFT-Muon: ``torch.optim.Muon`` lifted to LoRA factors (MATH.md section 8).
+r"""LoFT-Muon: ``torch.optim.Muon`` lifted to LoRA factors (docs/math.md section 8).
 
 .. math::
     \begin{aligned}
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowrank_opt.rule import CalibrationRule, StateKind, state_dtype
+from lowrank_opt.rule import CalibrationRule, Context, StateKind
 from lowrank_opt.views import FactorView
 
 __all__ = ["LoFTMuon", "newton_schulz", "lr_ratio"]
@@ -59,7 +59,7 @@ _ADJUST_LR = (None, "original", "match_rms_adamw")
 
 
 def newton_schulz(x: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
-    r"""The quintic Newton-Schulz iteration of ``torch.optim.Muon``, in ``x.dtype``.
+    r"""The quintic Newton-Schulz iteration of ``torch.optim.Muon``, in ``x.dtype``, on a stack ``(G, p, q)``.
 
     .. math::
         X_0 = x / \max(\|x\|_F, \epsilon), \qquad
@@ -68,13 +68,13 @@ def newton_schulz(x: Tensor, coefficients: tuple[float, float, float], steps: in
     on ``x^T`` when ``x`` has more rows than columns, so ``A_i`` is the smaller Gram.
     """
     a, b, c = coefficients
-    tall = x.shape[0] > x.shape[1]
-    y = x.T if tall else x
-    y = y / y.norm().clamp(min=eps)
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.transpose(-2, -1) if tall else x
+    y = y / y.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = y @ y.T
-        y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
-    return y.T if tall else y
+        gram = y @ y.transpose(-2, -1)
+        y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    return y.transpose(-2, -1) if tall else y
 
 
 def lr_ratio(adjust_lr_fn: str | None, full_shape: tuple[int, int]) -> float:
@@ -94,14 +94,14 @@ def orthogonalized_coefficients(
     eps: float,
     ns_dtype: torch.dtype,
 ) -> Tensor:
-    """``Delta`` (r, l) with ``s F Delta = NS(s F z)``, from the Gram of ``F`` alone."""
-    evals, evecs = torch.linalg.eigh(view.gram)  # ascending
-    tol = evals.shape[0] * torch.finfo(evals.dtype).eps * evals[-1].clamp(min=0)
+    """``Delta`` (G, r, l) with ``s F Delta = NS(s F z)``, from the Grams of ``F`` alone."""
+    evals, evecs = torch.linalg.eigh(view.gram)  # ascending, (G, r) and (G, r, r)
+    tol = evals.shape[-1] * torch.finfo(evals.dtype).eps * evals[:, -1:].clamp(min=0)
     keep = evals > tol.clamp(min=torch.finfo(evals.dtype).tiny ** 0.5)
     root = evals.clamp(min=0).sqrt()
     # Dropped directions get a zero row in R and a zero column in its pseudo-inverse.
-    r_factor = (root * keep)[:, None] * evecs.T  # (r, r): R = Lambda^1/2 V^T
-    r_pinv = evecs * (keep / torch.where(keep, root, torch.ones_like(root)))  # (r, r): V Lambda^-1/2
+    r_factor = (root * keep)[..., None] * evecs.transpose(-2, -1)  # (r, r): R = Lambda^1/2 V^T
+    r_pinv = evecs * (keep / torch.where(keep, root, torch.ones_like(root)))[:, None, :]  # (r, r): V Lambda^-1/2
     s = view.scale
     ortho = newton_schulz((s * (r_factor @ z)).to(ns_dtype), coefficients, steps, eps)  # (r, l)
     return r_pinv @ ortho.to(z.dtype) / s  # (r, r) @ (r, l) -> (r, l)
@@ -135,32 +135,29 @@ class LoFTMuon(CalibrationRule):
     def state_kinds(self) -> Mapping[str, StateKind]:
         return {"momentum_buffer": StateKind.LINEAR}
 
-    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        p = view.param
-        return {"momentum_buffer": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
+    def init_state(self, view: FactorView, ctx: Context) -> dict[str, Tensor]:
+        r, l = view.coeff.shape[-2:]
+        shape = (r, l) if view.side == "a" else (l, r)
+        return {
+            "momentum_buffer": torch.zeros(
+                (view.coeff.shape[0], *shape), dtype=view.coeff.dtype, device=view.coeff.device
+            )
+        }
 
-    def observe(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> None:
-        mu = float(group["momentum"])
+    def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
         buf = view.canonical(state["momentum_buffer"])
-        g = g_hat.to(buf.dtype)
-        buf.lerp_(g, 1 - mu)
+        buf.lerp_(g_hat.to(buf.dtype), 1 - float(ctx.group["momentum"]))
 
-    def update(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> Tensor:
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        mu = float(group["momentum"])
+    def update(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> Tensor:
+        mu = float(ctx.group["momentum"])
         buf = view.canonical(state["momentum_buffer"])
-        z = (g_hat.to(buf.dtype).lerp(buf, mu) if group["nesterov"] else buf).to(view.gram.dtype)  # Nesterov input
+        z = (g_hat.to(buf.dtype).lerp(buf, mu) if ctx.group["nesterov"] else buf).to(view.gram.dtype)  # Nesterov input
         direction = orthogonalized_coefficients(
             z,
             view,
-            coefficients=tuple(float(c) for c in group["ns_coefficients"]),  # type: ignore[arg-type]
-            steps=group["ns_steps"],
-            eps=float(group["eps"]),
+            coefficients=tuple(float(c) for c in ctx.group["ns_coefficients"]),  # type: ignore[arg-type]
+            steps=ctx.group["ns_steps"],
+            eps=float(ctx.group["eps"]),
             ns_dtype=_NS_DTYPES[self.ns_dtype],
         )
-        adjusted = lr * lr_ratio(group.get("adjust_lr_fn"), view.full_shape)
-        return -lr * wd * view.coeff.to(view.gram.dtype) - adjusted * direction
+        return ctx.hyper("lr") * lr_ratio(ctx.group.get("adjust_lr_fn"), view.full_shape) * direction

@@ -69,7 +69,7 @@ def test_no_full_size_tensor_on_the_fast_path(case, schedule):
     pair = _pair()
     opt = lo.LowRankWrapper(make([pair.a, pair.b]), [pair], rule_options=options, schedule=schedule)
     recorder = _record_steps(pair, opt)
-    full = [entry for entry in recorder.allocations if entry[1] in ((M, N), (N, M))]
+    full = [entry for entry in recorder.allocations if entry[1][-2:] in ((M, N), (N, M))]
     assert not full, full
     # Nothing close to (m, n) either: the largest transients are (k, r), (r, l) and (r, r).
     assert recorder.largest() <= max(M, N) * R
@@ -82,4 +82,4 @@ def test_the_recorder_sees_full_size_tensors_when_there_are_some():
     base = torch.optim.Adafactor([pair.a, pair.b], eps=(10.0, 1e-3))
     opt = lo.LowRankWrapper(base, [pair], rule_options={"block_elements": M * N})
     recorder = _record_steps(pair, opt)
-    assert any(shape in ((M, N), (N, M)) for _, shape in recorder.allocations)
+    assert any(shape[-2:] in ((M, N), (N, M)) for _, shape in recorder.allocations)

@@ -6,7 +6,7 @@ import torch
 from helpers import make_pair
 
 from lowrank_opt import linalg
-from lowrank_opt.views import build_view
+from lowrank_opt.views import view_of
 
 
 def _spd(r: int, seed: int) -> torch.Tensor:
@@ -21,9 +21,12 @@ def test_packed_blocks_round_trip_and_congruence():
     packed = linalg.pack_blocks(blocks, triu)
     assert packed.shape == (l, r * (r + 1) // 2)
     assert torch.equal(linalg.unpack_blocks(packed, triu, r), blocks)
-    t = torch.randn(r, r, dtype=torch.float64)
-    linalg.congruence_packed(packed, t, triu, block_cols=3)
-    assert torch.allclose(linalg.unpack_blocks(packed, triu, r), t @ blocks @ t.T, rtol=1e-12)
+    t = torch.randn(2, r, r, dtype=torch.float64)  # a group of two members, each with its own T
+    stacked = torch.stack([packed, 2 * packed])
+    linalg.congruence_packed_(stacked, t, triu, block_cols=3)
+    for member, factor in enumerate((1, 2)):
+        expected = factor * t[member] @ blocks @ t[member].T
+        assert torch.allclose(linalg.unpack_blocks(stacked[member], triu, r), expected, rtol=1e-12)
 
 
 def test_quadratic_form_rows_give_f_q_f_in_one_gemm():
@@ -51,8 +54,8 @@ def test_damped_solve_is_exact_at_full_rank_and_zero_on_a_zero_gram():
 
 def test_zero_factor_gives_zero_coefficient_gradient():
     pair = make_pair(6, 5, 2, zero_b=True)
-    view = build_view(pair, "a")  # basis b = 0
-    g_hat = view.rescale(torch.zeros(2, 5, dtype=torch.float64))
+    view = view_of(pair, "a")  # basis b = 0
+    g_hat = view.rescale(torch.zeros(1, 2, 5, dtype=torch.float64))
     assert torch.equal(g_hat, torch.zeros_like(g_hat))
     assert view.full_sq_norm(g_hat) == 0
 
@@ -62,12 +65,12 @@ def test_rescaled_gradient_is_the_projected_full_gradient():
     pair = make_pair(m, n, r, scale=s, seed=4)
     grad_w = torch.randn(m, n, dtype=torch.float64)
     for side, grad, full in (("a", s * pair.b.T @ grad_w, grad_w), ("b", s * grad_w @ pair.a.T, grad_w.T)):
-        view = build_view(pair, side)
-        f = view.basis
+        view = view_of(pair, side)
+        f = view.basis[0]
         projector = f @ torch.linalg.solve(f.T @ f, f.T)
-        g_hat = view.rescale(grad.detach() if side == "a" else grad.detach())
-        assert torch.allclose(s * f @ g_hat, projector @ full, rtol=1e-10)
-        assert torch.allclose(view.full_sq_norm(g_hat), (projector @ full).pow(2).sum(), rtol=1e-10)
+        g_hat = view.rescale(grad.detach()[None])
+        assert torch.allclose(s * f @ g_hat[0], projector @ full, rtol=1e-10)
+        assert torch.allclose(view.full_sq_norm(g_hat)[0], (projector @ full).pow(2).sum(), rtol=1e-10)
         assert linalg.compute_dtype(torch.bfloat16) == torch.float32
 
 

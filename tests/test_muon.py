@@ -98,12 +98,15 @@ def test_close_to_torch_muon_with_bfloat16_iteration():
 def _one_update(pair: lo.LoRAPair, side: str, group: dict, grad_w: Tensor):
     """The rule's ``delta_C`` for ``side`` after one observed gradient, and the coefficient gradient."""
     rule = lo.resolve_rule("loft_muon", torch.optim.Muon([pair.a, pair.b]), {"ns_dtype": "float64"})
-    view = lo.build_view(pair, side)
-    grad_c = pair.scale * view.basis.T @ view.canonical(grad_w)  # dL/dC = s F^T G_canon (r, l)
-    g_hat = view.rescale(view.canonical(grad_c))
-    state = rule.init_state(view, group)
-    rule.observe(state, g_hat, view, group, 1)
-    return rule.update(state, g_hat, view, group, 1), g_hat, view
+    view = lo.view_of(pair, side)
+    grad_c = pair.scale * view.basis[0].T @ (grad_w if side == "a" else grad_w.T)  # dL/dC = s F^T G_canon (r, l)
+    g_hat = view.rescale(view.canonical(grad_c[None]))
+    ctx = lo.Context.of(group, torch.ones(1, dtype=torch.float64), lo.Switches())
+    state = rule.init_state(view, ctx)
+    rule.observe(state, g_hat, view, ctx)
+    # The engine moves C <- C (1 - lr wd) - Delta: the coefficient change is returned here.
+    delta = -rule.update(state, g_hat, view, ctx) - group["lr"] * group["weight_decay"] * view.coeff
+    return delta[0], g_hat[0], view
 
 
 @pytest.mark.parametrize("side", ["a", "b"])
@@ -125,8 +128,8 @@ def test_update_is_dense_muon_of_the_projected_gradient_on_a_rectangular_pair(si
     delta, g_hat, view = _one_update(pair, side, group, _target(m, n))
     z = (1 - 0.9) * g_hat + 0.9 * (1 - 0.9) * g_hat  # first step: M = (1 - mu) g
     ratio = 0.2 * math.sqrt(max(m, n)) if adjust_lr_fn else math.sqrt(max(1, m / n))
-    s, f = pair.scale, view.basis
-    expected = -0.1 * ratio * dense_newton_schulz(s * f @ z) - 0.1 * 0.2 * s * f @ view.coeff
+    s, f = pair.scale, view.basis[0]
+    expected = -0.1 * ratio * dense_newton_schulz(s * f @ z) - 0.1 * 0.2 * s * f @ view.coeff[0]
     assert torch.allclose(s * f @ delta, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -160,8 +163,8 @@ def test_rank_deficient_factor_gives_the_update_within_its_span():
     delta, g_hat, view = _one_update(pair, "a", group, _target(m, n))
     assert torch.isfinite(delta).all()
     z = 0.1 * g_hat
-    expected = -0.1 * math.sqrt(m / n) * dense_newton_schulz(pair.scale * view.basis @ z)
-    assert torch.allclose(pair.scale * view.basis @ delta, expected, rtol=1e-8, atol=1e-10)
+    expected = -0.1 * math.sqrt(m / n) * dense_newton_schulz(pair.scale * view.basis[0] @ z)
+    assert torch.allclose(pair.scale * view.basis[0] @ delta, expected, rtol=1e-8, atol=1e-10)
 
 
 def test_bad_ns_dtype_raises():

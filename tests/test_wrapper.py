@@ -142,7 +142,7 @@ def test_half_precision_factors_keep_float32_statistics():
         for factor in (pair.a, pair.b):
             assert factor.dtype == torch.bfloat16
             assert opt.state[factor]["exp_avg"].dtype == torch.float32
-            assert opt.state[factor]["lowrank_step"].dtype == torch.float32
+            assert opt.state[factor]["lowrank_step"].dtype == torch.int64
 
 
 def test_non_finite_gradient_raises_and_changes_nothing():
@@ -173,7 +173,7 @@ def test_a_factor_changed_outside_the_optimizer_resets_its_partner_with_a_warnin
         pair.a.mul_(2.0)  # a is b's basis: b's statistics are now in the wrong coordinates
     opt.zero_grad()
     loss(full_weight(pair)).backward()
-    g_hat = lo.build_view(pair, "b").rescale(pair.b.grad)
+    g_hat = lo.view_of(pair, "b").rescale(pair.b.grad[None])[0]
     with pytest.warns(UserWarning, match="factor a changed outside the optimizer; the statistics of factor b"):
         opt.step()  # b moves at this step, so nothing re-bases its statistics afterwards
     # Reset before this step's gradient came in: b's first moment is (1 - beta1) g_hat alone.
@@ -225,7 +225,7 @@ def _errors():
         (lambda: lo.LowRankWrapper("adam", [pair]), "base_optimizer must be a built torch.optim.Optimizer, got str"),
         (
             lambda: lo.LowRankWrapper(adam(), [pair]).clip_grad_norm_(0),
-            "max_norm must be a positive finite number, got 0",
+            "max_norm must be a positive number, got 0",
         ),
     ]
 

@@ -13,19 +13,22 @@ mode. See ``docs/distributed.md`` for memory and communication costs.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from ..layout import WRAPPER_KEYS, hidden_wrapper_keys
 from ..pairs import LoRAPair
 from .fsdp import FSDP2
 from .sharded import PairSharded, assign_pairs, pair_costs
-from .strategy import DistributedStrategy, Replicated, state_bytes
+from .strategy import DistributedStrategy, Materialised, Replicated, state_bytes
 
 __all__ = [
     "DistributedStrategy",
     "FSDP2",
+    "Materialised",
     "PairSharded",
     "Replicated",
     "assign_pairs",
@@ -54,24 +57,23 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
     them (and ``strict=True`` refuses): call this before ``get_optimizer_state_dict`` when
     resuming. It runs the base optimizer once with zero gradients and ``lr = 0`` on those
     parameters only (what ``torch.distributed.checkpoint`` does for an optimizer with no state at
-    all); the load then overwrites the values.
+    all); the load then overwrites the values. ``optimizer`` is a
+    :class:`~lowrank_opt.LowRankWrapper` or a plain optimizer.
     """
-    from ..wrapper import _WRAPPER_KEYS, LowRankWrapper
-
-    base = optimizer.base if isinstance(optimizer, LowRankWrapper) else optimizer
+    wrapped = isinstance(getattr(optimizer, "base", None), torch.optim.Optimizer) and hasattr(optimizer, "pairs")
+    base: torch.optim.Optimizer = optimizer.base if wrapped else optimizer  # type: ignore[attr-defined]
     params = [p for group in base.param_groups for p in group["params"]]
     missing = {p for p in params if p.requires_grad and not base.state.get(p)}
-    hidden: dict[Tensor, dict[str, Tensor]] = {}
-    if isinstance(optimizer, LowRankWrapper):
-        for i, pair in enumerate(optimizer.pairs):
+    delegated: list[dict[str, Any]] = []
+    if wrapped:
+        wrapper: Any = optimizer
+        for i, pair in enumerate(wrapper.pairs):
             for factor in (pair.a, pair.b):
                 missing.discard(factor)
                 state = base.state.get(factor, {})
-                if optimizer.rule.uses_base_step and optimizer.distributed.owns(i) and set(state) <= set(_WRAPPER_KEYS):
+                if wrapper.rule.uses_base_step and wrapper.distributed.owns(i) and set(state) <= set(WRAPPER_KEYS):
                     missing.add(factor)
-                    hidden[factor] = {
-                        key: state.pop(key) for key in list(state)
-                    }  # the base initialises empty state only
+                    delegated.append(base.state[factor])
     if not missing:
         return
     stashed: dict[Tensor, Tensor | None] = {p: p.grad for p in params}
@@ -81,11 +83,10 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
             p.grad = torch.zeros_like(p) if p in missing else None
         for group in base.param_groups:
             group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], Tensor) else 0.0
-        base.step()
+        with hidden_wrapper_keys(delegated):  # the base initialises empty state only
+            base.step()
     finally:
         for group, lr in zip(base.param_groups, lrs):
             group["lr"] = lr
         for p, grad in stashed.items():
             p.grad = grad
-        for factor, keys in hidden.items():
-            base.state[factor].update(keys)

@@ -1,7 +1,7 @@
 """FSDP2: factors that ``torch.distributed.fsdp.fully_shard`` turned into ``Shard(0)`` DTensors.
 
 Every rule needs the whole frozen basis ``F`` (k, r): the update is rebuilt in full space from it
-(MATH.md sections 6-8). So, around each step, every LoRA factor, its gradient and its statistics
+(docs/math.md sections 6-8). So, around each step, every LoRA factor, its gradient and its statistics
 are all-gathered into plain tensors, every rank computes the same step on them exactly as a single
 process would, and each rank keeps its own shard of the result (slicing, no communication).
 LoRA factors are ``r (m + n)`` elements per pair, a small fraction of the model, so the gather is
@@ -20,20 +20,20 @@ Gradient clipping adds one all-reduce for those parameters' norms; the finitenes
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from .._sync import to_host
-from .strategy import DistributedStrategy
-
-if TYPE_CHECKING:
-    from ..wrapper import LowRankWrapper
+from ..layout import WRAPPER_KEYS
+from ..pairs import LoRAPair
+from ..rule import CalibrationRule
+from .strategy import DistributedStrategy, Materialised
 
 __all__ = ["FSDP2"]
 
@@ -49,8 +49,10 @@ class FSDP2(DistributedStrategy):
     def __repr__(self) -> str:
         return "FSDP2()"
 
-    def bind(self, wrapper: LowRankWrapper) -> None:
-        sharded = [f for pair in wrapper.pairs for f in (pair.a, pair.b) if isinstance(f, DTensor)]
+    def setup(
+        self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
+    ) -> None:
+        sharded = [f for pair in pairs for f in (pair.a, pair.b) if isinstance(f, DTensor)]
         if not sharded:
             raise ValueError(
                 "FSDP2: no LoRA factor is a DTensor; call fully_shard on the model before building the optimizer"
@@ -64,50 +66,49 @@ class FSDP2(DistributedStrategy):
         self._group = sharded[0].device_mesh.get_group()
 
     @contextmanager
-    def gathered(self, wrapper: LowRankWrapper) -> Iterator[None]:
-        from ..wrapper import _WRAPPER_KEYS
-
-        shadows: dict[DTensor, Tensor] = {}
-        gather_bases = wrapper.rule.reads_base_weight
-        for pair in wrapper.pairs:
-            if gather_bases and isinstance(pair.base_weight, DTensor):
-                shadows[pair.base_weight] = pair.base_weight.detach().full_tensor()  # type: ignore[attr-defined]
+    def materialised(
+        self, pairs: Sequence[LoRAPair], state: MutableMapping[Tensor, dict[str, Any]], with_bases: bool
+    ) -> Iterator[Materialised]:
+        shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole plain Parameter
+        work_state: dict[Tensor, dict[str, Any]] = {}
+        work_pairs = []
+        for pair in pairs:
             for factor in (pair.a, pair.b):
                 if not isinstance(factor, DTensor):
+                    work_state[factor] = state[factor]
                     continue
                 shadow = nn.Parameter(factor.detach().full_tensor())  # type: ignore[attr-defined]
                 if isinstance(factor.grad, DTensor):
                     shadow.grad = factor.grad.full_tensor()
                 shadows[factor] = shadow
-                entry = wrapper.state.get(factor)
-                if entry:
-                    wrapper.state[factor] = {key: _full(value) for key, value in entry.items()}
-        wrapper._swap_factors(cast("dict[Tensor, Tensor]", shadows))  # keys are DTensors
-        try:
-            yield
-        finally:
-            wrapper._swap_factors({gathered: factor for factor, gathered in shadows.items()})
-            with torch.no_grad():
-                for factor, gathered in shadows.items():
-                    if not factor.requires_grad:
-                        continue  # a frozen base weight: nothing to write back
-                    factor.to_local().copy_(_shard(gathered.detach(), factor))
-                    if isinstance(factor.grad, DTensor) and gathered.grad is not None:
-                        factor.grad.to_local().copy_(_shard(gathered.grad, factor))
-                    entry = wrapper.state.get(factor)
-                    if entry:
-                        wrapper.state[factor] = {
-                            key: value if key in _WRAPPER_KEYS else _shard_statistic(value, factor)
-                            for key, value in entry.items()
-                        }
+                work_state[shadow] = {key: _full(value) for key, value in state[factor].items()}
+            base = pair.base_weight
+            if with_bases and isinstance(base, DTensor):
+                base = base.detach().full_tensor()  # type: ignore[attr-defined]
+            a, b = (shadows.get(f, f) for f in (pair.a, pair.b))
+            work_pairs.append(replace(pair, a=a, b=b, base_weight=base))
+        originals: dict[Tensor, Tensor] = {shadow: factor for factor, shadow in shadows.items()}
+        yield Materialised(work_pairs, work_state, originals)
+        with torch.no_grad():
+            for factor, shadow in shadows.items():
+                assert isinstance(factor, DTensor)
+                factor.to_local().copy_(_shard(shadow.detach(), factor))
+                if isinstance(factor.grad, DTensor) and shadow.grad is not None:
+                    factor.grad.to_local().copy_(_shard(shadow.grad, factor))
+                state[factor] = {
+                    key: value if key in WRAPPER_KEYS else _shard_statistic(value, factor)
+                    for key, value in work_state[shadow].items()
+                }
 
     def finite_flags(self, grads: Sequence[Tensor]) -> list[Tensor]:
         flags = [torch.isfinite(_local(g)).all() for g in grads]
         return self._agree(flags, grads, dist.ReduceOp.MIN, torch.int32)
 
-    def squared_norms(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        squares = [_local(g).double().pow(2).sum() for g in grads]
-        return to_host(self._agree(squares, grads, dist.ReduceOp.SUM, torch.float64), torch.float64)
+    def squared_norm(self, grads: Sequence[Tensor]) -> Tensor:
+        squares = self._agree(
+            [_local(g).double().square().sum() for g in grads], grads, dist.ReduceOp.SUM, torch.float64
+        )
+        return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 
     def _agree(self, values: list[Tensor], grads: Sequence[Tensor], op: Any, dtype: torch.dtype) -> list[Tensor]:
         """One all-reduce combines the per-shard ``values`` of the DTensor ``grads`` into whole-tensor ones."""

@@ -14,20 +14,18 @@ keeping them everywhere lets every rank's state dict name every trainable parame
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..linalg import compute_dtype
 from ..pairs import LoRAPair
-from ..rule import CalibrationRule
-from ..views import Side, build_view
+from ..rule import CalibrationRule, Context, Switches
+from ..views import build_view
 from .strategy import DistributedStrategy
-
-if TYPE_CHECKING:
-    from ..wrapper import LowRankWrapper
 
 __all__ = ["PairSharded", "assign_pairs", "pair_costs"]
 
@@ -56,7 +54,7 @@ def assign_pairs(state_bytes: Sequence[float], step_costs: Sequence[float], worl
 
 
 def pair_costs(
-    pairs: Sequence[LoRAPair], rule: CalibrationRule, groups: dict[Tensor, dict[str, Any]]
+    pairs: Sequence[LoRAPair], rule: CalibrationRule, groups: Mapping[Tensor, Mapping[str, Any]]
 ) -> tuple[list[int], list[float]]:
     """State bytes and step work of every pair.
 
@@ -67,15 +65,17 @@ def pair_costs(
     """
     state_bytes, step_costs = [], []
     for pair in pairs:
-        meta = LoRAPair(pair.a.detach().to("meta"), pair.b.detach().to("meta"), pair.scale)
+        a = pair.matrix_a(pair.a.detach()).to("meta", compute_dtype(pair.a.dtype))[None]
+        b = pair.matrix_b(pair.b.detach()).to("meta", compute_dtype(pair.a.dtype))[None]
+        scale = torch.ones(1, 1, 1, dtype=a.dtype, device="meta")
         total = 0
-        sides: tuple[tuple[Side, Tensor], ...] = (("a", pair.a), ("b", pair.b))
-        for side, factor in sides:
+        for side, factor in (("a", pair.a), ("b", pair.b)):
             if rule.uses_base_step:
                 total += 2 * factor.numel() * 4
             else:
-                state = rule.init_state(build_view(meta, side), groups[factor])
-                total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, Tensor))
+                ctx = Context.of(groups[factor], torch.ones(1, dtype=a.dtype, device="meta"), Switches())
+                state = rule.init_state(build_view(side, [pair], a, b, scale), ctx)  # type: ignore[arg-type]
+                total += sum(t.numel() * t.element_size() for t in state.values())
         m, n = pair.full_shape
         state_bytes.append(total)
         step_costs.append(float(m * n * pair.rank))
@@ -106,25 +106,25 @@ class PairSharded(DistributedStrategy):
     def __repr__(self) -> str:
         return f"PairSharded(world_size={dist.get_world_size(self.group) if self.owners else '?'})"
 
-    def bind(self, wrapper: LowRankWrapper) -> None:
+    def setup(
+        self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
+    ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("PairSharded needs an initialised torch.distributed process group (init_process_group)")
         self.rank = dist.get_rank(self.group)
-        groups = {p: group for group in wrapper.param_groups for p in group["params"]}
-        state, cost = pair_costs(wrapper.pairs, wrapper.rule, groups)
+        state, cost = pair_costs(pairs, rule, param_group_of)
         self.owners = assign_pairs(state, cost, dist.get_world_size(self.group))
-        self._device = wrapper.pairs[0].a.device
+        self._device = pairs[0].a.device
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank
 
-    def reduce_squares(self, squares: list[Tensor]) -> list[Tensor]:
-        local = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
-        total = local.to(self._device)
+    def reduce_pair_squares(self, local: Tensor) -> Tensor:
+        total = local.to(self._device, torch.float64, copy=True)
         dist.all_reduce(total, group=self.group)
-        return [total.cpu()]
+        return total
 
-    def synchronize(self, moved: Sequence[tuple[int, Tensor]]) -> None:
+    def publish(self, moved: Sequence[tuple[int, Tensor]]) -> None:
         """Broadcast every moved factor from its owner, bucketed by owner and dtype."""
         buckets: dict[tuple[int, torch.dtype], list[list[Tensor]]] = {}
         filled: dict[tuple[int, torch.dtype], int] = {}

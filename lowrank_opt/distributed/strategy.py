@@ -1,42 +1,62 @@
 """The contract between :class:`~lowrank_opt.LowRankWrapper` and a distributed strategy.
 
-The wrapper computes every step as in a single process; a strategy decides, at a few named
-points, what this rank does:
+The wrapper computes every step as in a single process; a strategy is given data at a few named
+points and gives data back. It never changes the wrapper's pairs or param groups:
 
-* :meth:`DistributedStrategy.bind`: once, when the wrapper is built (assign work, check inputs);
+* :meth:`DistributedStrategy.setup`: once, with the pairs, the rule and each factor's param group
+  (assign work, check inputs);
 * :meth:`DistributedStrategy.owns`: whether this rank keeps the statistics of a pair and steps it;
-* :meth:`DistributedStrategy.gathered`: a context around every step in which the factors are
-  plain, whole tensors (FSDP2 gathers its shards there);
-* :meth:`DistributedStrategy.finite_flags`, :meth:`DistributedStrategy.reduce_squares` and
-  :meth:`DistributedStrategy.squared_norms`: the finiteness check and the clipping norms, agreed
+* :meth:`DistributedStrategy.materialised`: a context that yields the pairs as whole, plain
+  tensors with their gradients and state entries (:class:`Materialised`), and writes back on exit
+  what the step changed (FSDP2 gathers and re-shards there; the other modes hand over their own
+  tensors);
+* :meth:`DistributedStrategy.finite_flags`, :meth:`DistributedStrategy.reduce_pair_squares` and
+  :meth:`DistributedStrategy.squared_norm`: the finiteness check and the clipping norms, agreed
   over ranks where the work or the tensors are split;
-* :meth:`DistributedStrategy.synchronize`: after the step, every rank gets the factors that moved.
+* :meth:`DistributedStrategy.publish`: after the step, every rank gets the factors that moved.
 
-The default, :class:`Replicated`, does nothing at any of these points: a single process, or DDP,
-where every rank holds the same gradients and computes the same step.
+The default, :class:`Replicated`, hands over its own tensors and communicates nothing: a single
+process, or DDP, where every rank holds the same gradients and computes the same step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._sync import to_host
+from ..pairs import LoRAPair
+from ..rule import CalibrationRule
 
-if TYPE_CHECKING:
-    from ..wrapper import LowRankWrapper
+__all__ = ["DistributedStrategy", "Materialised", "Replicated", "state_bytes"]
 
-__all__ = ["DistributedStrategy", "Replicated"]
+
+@dataclass(frozen=True)
+class Materialised:
+    """The pairs as one step sees them.
+
+    Attributes:
+        pairs: the pairs, in the wrapper's order, with whole plain factors (and a whole base
+            weight where asked) that carry their gradients.
+        state: the state entry of every factor of ``pairs``, keyed by those factors.
+        originals: working factor -> the optimizer's parameter, where the two differ.
+    """
+
+    pairs: list[LoRAPair]
+    state: MutableMapping[Tensor, dict[str, Any]]
+    originals: dict[Tensor, Tensor] = field(default_factory=dict)
 
 
 class DistributedStrategy:
-    """Base class of the strategies; on its own it is the replicated mode (every hook a no-op)."""
+    """Base class of the strategies; on its own it is the replicated mode."""
 
-    def bind(self, wrapper: LowRankWrapper) -> None:
+    def setup(
+        self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
+    ) -> None:
         """Called once by the wrapper, after it found its pairs and rule, before any state exists."""
 
     def owns(self, index: int) -> bool:
@@ -44,23 +64,31 @@ class DistributedStrategy:
         return True
 
     @contextmanager
-    def gathered(self, wrapper: LowRankWrapper) -> Iterator[None]:
-        """Around state creation, clipping and every step: the factors are whole, plain tensors inside."""
-        yield
+    def materialised(
+        self, pairs: Sequence[LoRAPair], state: MutableMapping[Tensor, dict[str, Any]], with_bases: bool
+    ) -> Iterator[Materialised]:
+        """Around state creation, clipping and every step: the pairs as whole, plain tensors.
+
+        ``with_bases``: the rule reads the frozen base weights, so they must be whole too."""
+        yield Materialised(list(pairs), state)
 
     def finite_flags(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """Whether each gradient is finite everywhere (0-dim bool tensors), the same answer on every rank."""
+        """Whether each gradient of a parameter that is not a LoRA factor is finite everywhere
+        (0-dim bool tensors), the same answer on every rank."""
         return [torch.isfinite(g).all() for g in grads]
 
-    def reduce_squares(self, squares: list[Tensor]) -> list[Tensor]:
-        """Squared full-space norms of this rank's pairs (float64, CPU) -> those of all pairs."""
-        return squares
+    def reduce_pair_squares(self, local: Tensor) -> Tensor:
+        """The sum of the squared full-space norms of this rank's pairs (0-dim float64) -> of all pairs."""
+        return local
 
-    def squared_norms(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """``||g||^2`` (float64, CPU) of the gradients of the parameters that are not LoRA factors."""
-        return to_host([g.double().pow(2).sum() for g in grads], torch.float64)
+    def squared_norm(self, grads: Sequence[Tensor]) -> Tensor:
+        """``sum ||g||^2`` (0-dim float64) of the gradients of the parameters that are not LoRA factors."""
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        norms = torch._foreach_norm(list(grads))
+        return torch.stack([n.to(norms[0].device, torch.float64) for n in norms]).square().sum()
 
-    def synchronize(self, moved: Sequence[tuple[int, Tensor]]) -> None:
+    def publish(self, moved: Sequence[tuple[int, Tensor]]) -> None:
         """After the step: ``(pair index, factor)`` of every factor that moved, in the same order on every rank."""
 
 

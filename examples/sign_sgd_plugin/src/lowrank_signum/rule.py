@@ -9,8 +9,9 @@ r"""LoFT-Signum: :class:`~lowrank_signum.Signum` lifted to LoRA factors.
 
 ``s F M`` is the dense momentum buffer seen through the frozen factor, so at full rank
 (``W0 = 0``, ``m = n = r``, one factor per step) this is Signum on ``W`` step for step. The sign
-is not separable, so ``U`` is formed column block by column block: ``(k, c)`` transients with
-``k c <= block_elements``, ``O(k l r)`` time.
+is not separable, so ``U`` is formed column block by column block: ``(G, k, c)`` transients with
+``G k c <= block_elements``, ``O(k l r)`` time per pair. Every tensor carries the group dimension
+``G`` (pairs of equal shape stepped together).
 
 Departures from the dense optimizer: decay multiplies the factor, which decays ``s B A`` rather
 than ``W`` (``W0`` is frozen).
@@ -19,18 +20,17 @@ than ``W`` (``W0`` is frozen).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lowrank_opt import CalibrationRule, FactorView, StateKind, state_dtype
+from lowrank_opt import CalibrationRule, Context, FactorView, StateKind
 
 from .optimizer import Signum
 
 
 class LoFTSignum(CalibrationRule):
-    """LoFT-Signum. ``block_elements`` bounds the ``(k, c)`` blocks of the full-space sign."""
+    """LoFT-Signum. ``block_elements`` bounds the ``(G, k, c)`` blocks of the full-space sign."""
 
     name = "loft_signum"
     serves = (Signum,)
@@ -43,28 +43,21 @@ class LoFTSignum(CalibrationRule):
     def state_kinds(self) -> Mapping[str, StateKind]:
         return {"momentum_buffer": StateKind.LINEAR}  # coefficients: re-based as T M
 
-    def init_state(self, view: FactorView, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        p = view.param
-        return {"momentum_buffer": torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)}
+    def init_state(self, view: FactorView, ctx: Context) -> dict[str, Tensor]:
+        return {"momentum_buffer": torch.zeros_like(view.canonical(view.coeff))}  # the factor's own orientation
 
-    def observe(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> None:
-        buf = view.canonical(state["momentum_buffer"])  # (r, l), a view of the state
-        buf.lerp_(g_hat.to(buf.dtype), 1 - group["beta"])
+    def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
+        buf = view.canonical(state["momentum_buffer"])  # (G, r, l), a view of the state
+        buf.lerp_(g_hat.to(buf.dtype), 1 - ctx.hyper("beta"))
 
-    def update(
-        self, state: dict[str, Any], g_hat: Tensor, view: FactorView, group: Mapping[str, Any], step: int
-    ) -> Tensor:
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
+    def update(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> Tensor:
         f, s = view.basis, view.scale
-        momentum = view.canonical(state["momentum_buffer"]).to(f.dtype)  # (r, l)
-        k, l = f.shape[0], momentum.shape[1]
-        block = max(1, min(l, self.block_elements // max(k, 1)))
+        momentum = view.canonical(state["momentum_buffer"]).to(f.dtype)  # (G, r, l)
+        members, k, l = f.shape[0], f.shape[1], momentum.shape[-1]
+        block = max(1, min(l, self.block_elements // max(members * k, 1)))
         projected = torch.empty_like(momentum)
         for start in range(0, l, block):
             cols = slice(start, start + block)
-            u = (f @ momentum[:, cols]).mul_(s).sign_()  # U = sign(s F M): (k, r) @ (r, c) -> (k, c)
-            projected[:, cols] = f.T @ u  # (r, k) @ (k, c) -> (r, c)
-        direction = view.solve(projected) / s  # Gamma^-1 F^T U / s
-        return -lr * wd * view.coeff.to(f.dtype) - lr * direction
+            u = (f @ momentum[..., cols]).mul_(s).sign_()  # U = sign(s F M): (k, r) @ (r, c) -> (k, c)
+            projected[..., cols] = f.transpose(-2, -1) @ u  # (r, k) @ (k, c) -> (r, c)
+        return ctx.hyper("lr") * view.solve(projected) / s  # the engine applies decay and the move

@@ -1,0 +1,418 @@
+"""The step as functions over groups of pairs (docs/math.md sections 2-4).
+
+Pairs whose matrices have equal ``(m, n, r)``, dtypes, device and param groups, and whose same
+factor moves this step, form a group; the group's factors, gradients and statistics are stacked
+into ``(G, ...)`` tensors and every formula runs once per group: batched Grams and Cholesky
+factors, batched solves, ``bmm``. The Python work per step grows with the number of groups, not of
+pairs; a group of one runs the same code with ``G = 1``.
+
+One step, as data:
+
+1. the schedule says which factor of each pair moves (from the pair's step counter);
+2. pairs are grouped; views of both factors are built, each Gram factored once;
+3. gradients become coefficient gradients ``g_hat``; one host sync checks that every gradient
+   is finite and that no factor changed outside the optimizer;
+4. the clip coefficient is computed from full-space norms and applied;
+5. the rule observes ``g_hat`` on both factors and returns the step of the active one;
+6. decay and the move are applied, and the partner's statistics are calibrated with
+   ``T = Gamma_new^-1 F_new^T F_old``;
+7. every other parameter goes through the base optimizer unchanged.
+
+The functions here read and write only what they are given (pairs, state entries, the base
+optimizer's step); the facade (:class:`~lowrank_opt.LowRankWrapper`) and the distributed
+strategies decide what that is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .layout import BASIS_GRAM_KEY, STEP_KEY, basis_gram, factor_matrix, hidden_wrapper_keys
+from .linalg import compute_dtype, damped_cholesky, transport
+from .pairs import LoRAPair
+from .rule import CalibrationRule, Context, StateKind, Switches
+from .schedule import Schedule
+from .views import SIDES, FactorView, Side, build_view, other_side, tangent_sq_norm
+
+__all__ = ["StepConfig", "Group", "form_groups", "check_inputs", "clip_coefficient", "run_step", "label"]
+
+State = MutableMapping[Tensor, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What the wrapper was built with; the same at every step."""
+
+    rule: CalibrationRule
+    schedule: Schedule
+    switches: Switches
+    full_space_clip: bool
+
+
+def label(pair: LoRAPair, index: int) -> str:
+    return pair.name or f"pair {index}"
+
+
+def _factor(pair: LoRAPair, side: Side) -> Tensor:
+    return pair.a if side == "a" else pair.b
+
+
+@dataclass(eq=False)
+class Group:
+    """``G`` pairs stepped together: their views, coefficient gradients and this step's counts."""
+
+    indices: list[int]
+    pairs: list[LoRAPair]
+    active: tuple[Side, ...]
+    steps: Tensor  # (G,) the step each member is taking, compute dtype, on the device
+    param_groups: dict[Side, Mapping[str, Any]]
+    views: dict[Side, FactorView]
+    g_hat: dict[Side, Tensor] = field(default_factory=dict)
+
+    def params(self, side: Side) -> list[Tensor]:
+        return [_factor(pair, side) for pair in self.pairs]
+
+    def grads(self, side: Side) -> list[Tensor]:
+        return [_factor(pair, side).grad for pair in self.pairs]  # type: ignore[misc]
+
+
+def stepping_pairs(pairs: Sequence[LoRAPair]) -> list[int]:
+    """Indices of the pairs with gradients; a pair has gradients on both factors or on neither."""
+    stepping = []
+    for i, pair in enumerate(pairs):
+        if pair.a.grad is None and pair.b.grad is None:
+            continue
+        if pair.a.grad is None or pair.b.grad is None:
+            missing = "a" if pair.a.grad is None else "b"
+            raise ValueError(f"{label(pair, i)}: factor {missing} has no gradient while its partner has one")
+        for side in SIDES:
+            factor = _factor(pair, side)
+            if factor.grad.shape != factor.shape:  # type: ignore[union-attr]
+                raise ValueError(
+                    f"{label(pair, i)}: gradient of factor {side} is {tuple(factor.grad.shape)}, "  # type: ignore[union-attr]
+                    f"expected {tuple(factor.shape)}"
+                )
+        stepping.append(i)
+    return stepping
+
+
+def form_groups(
+    pairs: Sequence[LoRAPair],
+    indices: Sequence[int],
+    state: State,
+    param_group_of: Mapping[Tensor, Mapping[str, Any]],
+    config: StepConfig,
+    with_grads: bool = True,
+) -> list[Group]:
+    """Group the pairs ``indices`` and build their views (and ``g_hat`` with ``with_grads``)."""
+    if not indices:
+        return []
+    done = torch.stack([state[pairs[i].a][STEP_KEY] for i in indices]).tolist()
+    buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for i, steps in zip(indices, done):
+        pair = pairs[i]
+        key = (
+            config.schedule.active(steps),
+            pair.full_shape,
+            pair.rank,
+            pair.a.dtype,
+            pair.b.dtype,
+            pair.a.device,
+            id(param_group_of[pair.a]),
+            id(param_group_of[pair.b]),
+        )
+        buckets.setdefault(key, []).append((i, steps + 1))
+    groups = []
+    for key, members in buckets.items():
+        chosen = [pairs[i] for i, _ in members]
+        a = torch.stack([pair.matrix_a(pair.a.detach()) for pair in chosen])  # (G, r, n)
+        b = torch.stack([pair.matrix_b(pair.b.detach()) for pair in chosen])  # (G, m, r)
+        cd = compute_dtype(a.dtype)
+        a, b = a.to(cd), b.to(cd)
+        scale = torch.tensor([pair.scale for pair in chosen], dtype=cd, device=a.device)[:, None, None]
+        group = Group(
+            indices=[i for i, _ in members],
+            pairs=chosen,
+            active=key[0],
+            steps=torch.tensor([s for _, s in members], dtype=cd, device=a.device),
+            param_groups={"a": param_group_of[chosen[0].a], "b": param_group_of[chosen[0].b]},
+            views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
+        )
+        if with_grads:
+            for side in SIDES:
+                view = group.views[side]
+                grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(chosen, group.grads(side))])
+                if config.switches.rescale_grad:
+                    group.g_hat[side] = view.rescale(grad)
+                else:
+                    group.g_hat[side] = view.canonical(grad).to(cd)
+        groups.append(group)
+    return groups
+
+
+def _stack_entries(state: State, params: Sequence[Tensor], key: str) -> Tensor:
+    return torch.stack([state[p][key] for p in params])
+
+
+def _unstack_into(state: State, params: Sequence[Tensor], key: str, stacked: Tensor) -> None:
+    torch._foreach_copy_([state[p][key] for p in params], list(stacked.unbind(0)))
+
+
+def check_inputs(
+    groups: Sequence[Group],
+    factor_grads: Sequence[Tensor],
+    other_flags: Sequence[Tensor],
+    describe: Callable[[int], str],
+    state: State,
+    rule: CalibrationRule,
+) -> None:
+    """One host sync: every gradient finite, and the factors as this optimizer left them.
+
+    ``factor_grads`` are the LoRA factors' gradients and ``other_flags`` whether each other
+    gradient is finite (0-dim bool); ``describe(i)`` names the ``i``-th gradient of the two lists
+    in turn. A non-finite gradient raises before any state changes. A factor changed outside the
+    optimizer (loaded, merged, edited) leaves its partner's statistics in a stale basis; they
+    cannot be re-based without the old factor, so they are reset with a warning.
+    """
+    flags: list[Tensor] = []
+    if factor_grads:
+        # A norm is finite exactly when every entry is: one foreach kernel for all the factors.
+        norms = torch._foreach_norm(list(factor_grads))
+        flags.append(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])))
+    flags += [f.reshape(1) for f in other_flags]
+    grads_checked = len(factor_grads) + len(other_flags)
+    for group in groups:
+        for side in SIDES:
+            view = group.views[side]
+            stored = _stack_entries(state, group.params(other_side(side)), BASIS_GRAM_KEY)
+            info = torch.finfo(view.gram.dtype)
+            drift = (view.gram - stored).flatten(1).norm(dim=1)
+            flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
+    if not flags:
+        return
+    host = torch.cat([f.to(flags[0].device, torch.bool) for f in flags]).cpu().tolist()
+    for i, ok in enumerate(host[:grads_checked]):
+        if not ok:
+            raise ValueError(f"non-finite gradient in {describe(i)}; no state was changed")
+    position = grads_checked
+    for group in groups:
+        for side in SIDES:
+            for member in range(len(group.pairs)):
+                if not host[position + member]:
+                    _reset_after_outside_change(group, member, side, state, rule)
+            position += len(group.pairs)
+
+
+def _reset_after_outside_change(group: Group, member: int, side: Side, state: State, rule: CalibrationRule) -> None:
+    pair, index = group.pairs[member], group.indices[member]
+    partner = other_side(side)
+    warnings.warn(
+        f"{label(pair, index)}: factor {partner} changed outside the optimizer; the statistics "
+        f"of factor {side} were in its old basis and are reset",
+        stacklevel=4,
+    )
+    entry = state[_factor(pair, side)]
+    for key, kind in rule.state_kinds().items():
+        if kind is not StateKind.FULL_SPACE and isinstance(entry.get(key), Tensor):
+            entry[key].zero_()
+    state[_factor(pair, partner)][BASIS_GRAM_KEY] = group.views[side].gram[member].clone()
+
+
+def pair_sq_norms(group: Group, full_space: bool) -> Tensor:
+    """Squared gradient norms ``(G,)`` of the members: full-space (what the step sees) or of the raw factors."""
+    if not full_space:
+        return sum(  # type: ignore[return-value]
+            torch.stack(group.grads(side)).float().square().flatten(1).sum(1) for side in SIDES
+        )
+    if len(group.active) == 2:
+        return tangent_sq_norm(group.views["a"], group.g_hat["a"], group.views["b"], group.g_hat["b"])
+    side = group.active[0]
+    return group.views[side].full_sq_norm(group.g_hat[side])
+
+
+def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total + 1e-6))``, as :func:`torch.nn.utils.clip_grad_norm_` computes it."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
+    """Multiply ``tensors`` in place by the 0-dim ``coef``: one foreach call per device and dtype
+    for plain tensors, one call each for tensor subclasses (DTensor shards)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if type(t) is Tensor or isinstance(t, torch.nn.Parameter):
+            buckets.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            t.mul_(coef.to(device=t.device, dtype=t.dtype))
+    for (device, dtype), bucket in buckets.items():
+        torch._foreach_mul_(bucket, coef.to(device=device, dtype=dtype))
+
+
+def _move(group: Group, side: Side, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``C <- C (1 - lr wd) - Delta`` written into the parameters; returns the new Gram and ``T``.
+
+    Both are taken from the factor as stored (rounded to its dtype), which is what the next step
+    will see.
+    """
+    view, params = group.views[side], group.params(side)
+    group_hp = group.param_groups[side]
+    lr = float(group_hp["lr"])
+    decay = lr * float(group_hp.get("weight_decay", 0.0) or 0.0)
+    old = view.coeff
+    new = (old * (1 - decay) if decay else old) - delta
+    targets = [factor_matrix(pair, side, p.detach()) for pair, p in zip(group.pairs, params)]
+    torch._foreach_copy_(targets, list(view.canonical(new).unbind(0)))
+    return _record_move(group, side, old)
+
+
+def _record_move(group: Group, side: Side, old: Tensor) -> tuple[Tensor, Tensor]:
+    """After factor ``side`` moved: its new Gram ``C_new C_new^T`` (recorded for outside-change
+    detection) and the partner's calibration map ``T = Gamma_new^-1 C_new C_old^T``."""
+    view = group.views[side]
+    stored = torch.stack([factor_matrix(pair, side, p.detach()) for pair, p in zip(group.pairs, group.params(side))])
+    new = view.canonical(stored).to(old.dtype)
+    gram_new = basis_gram(new)
+    return gram_new, transport(damped_cholesky(gram_new), new @ old.transpose(-2, -1))  # (r, l) @ (l, r)
+
+
+def _stacked_state(state: State, params: Sequence[Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+    return {key: _stack_entries(state, params, key) for key in keys if key in state[params[0]]}
+
+
+def step_group(group: Group, state: State, config: StepConfig) -> None:
+    """Observe both factors, move the active ones, calibrate their partners, write everything back."""
+    rule = config.rule
+    keys = list(rule.state_kinds())
+    ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
+    stats = {side: _stacked_state(state, group.params(side), keys) for side in SIDES}
+    for side in SIDES:
+        rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
+    deltas = {side: rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side]) for side in group.active}
+    for side in group.active:
+        gram_new, t = _move(group, side, deltas[side])
+        _unstack_into(state, group.params(side), BASIS_GRAM_KEY, gram_new)
+        partner = other_side(side)
+        rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
+    for side in SIDES:
+        for key, stacked in stats[side].items():
+            _unstack_into(state, group.params(side), key, stacked)
+
+
+@contextmanager
+def _substituted(base: Optimizer, originals: Mapping[Tensor, Tensor], state: State) -> Iterator[None]:
+    """The base optimizer sees the working factors in place of its parameters (FSDP2's gathered
+    copies): in its param groups, and with the working state entries."""
+    if not originals:
+        yield
+        return
+    working = {original: work for work, original in originals.items()}
+    saved_params = [group["params"] for group in base.param_groups]
+    saved_entries = {original: base.state.pop(original, None) for original in working}
+    for group in base.param_groups:
+        group["params"] = [working.get(p, p) for p in group["params"]]
+    for work in originals:
+        base.state[work] = state[work]
+    try:
+        yield
+    finally:
+        for work in originals:
+            base.state.pop(work, None)
+        for group, params in zip(base.param_groups, saved_params):
+            group["params"] = params
+        for original, entry in saved_entries.items():
+            if entry is not None:
+                base.state[original] = entry
+
+
+def _base_step(base: Optimizer) -> None:
+    """The base optimizer's own ``step()``, without firing the global optimizer hooks a second time
+    (the wrapper's ``step()`` fired them already)."""
+    step = type(base).step
+    getattr(step, "__wrapped__", step)(base)
+
+
+def step_delegated(
+    groups: Sequence[Group],
+    base: Optimizer,
+    state: State,
+    originals: Mapping[Tensor, Tensor],
+    factors: Sequence[Tensor],
+    config: StepConfig,
+) -> None:
+    """The base optimizer's ``step()`` moves the factors of delegating rules on ``g_hat``, and steps
+    every other parameter, in one call (docs/math.md section 9).
+
+    Both factors get ``g_hat`` (the base's statistics see every gradient, docs/math.md section 4);
+    the inactive factor is put back afterwards, the active one keeps its move, and its partner's
+    statistics are calibrated by declaration.
+    """
+    stashed = {factor: factor.grad for factor in factors}
+    for factor in factors:
+        factor.grad = None
+    kept: list[tuple[list[Tensor], Tensor]] = []
+    entries = []
+    for group in groups:
+        for side in SIDES:
+            params = group.params(side)
+            matrices = list(group.views[side].canonical(group.g_hat[side]).unbind(0))
+            for p, g in zip(params, matrices):
+                p.grad = g.to(p.dtype).reshape(p.shape)
+            if side not in group.active:
+                kept.append((params, torch.stack([p.detach() for p in params]).clone()))
+            entries += [state[p] for p in params]
+    try:
+        with _substituted(base, originals, state), hidden_wrapper_keys(entries):
+            _base_step(base)
+    finally:
+        for factor, grad in stashed.items():
+            factor.grad = grad
+    for params, values in kept:
+        torch._foreach_copy_([p.detach() for p in params], list(values.unbind(0)))
+    for group in groups:
+        ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
+        for side in group.active:
+            gram_new, t = _record_move(group, side, group.views[side].coeff)
+            _unstack_into(state, group.params(side), BASIS_GRAM_KEY, gram_new)
+            partner = other_side(side)
+            partner_params = group.params(partner)
+            entry = state[partner_params[0]]
+            keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in (STEP_KEY, BASIS_GRAM_KEY)]
+            stats = _stacked_state(state, partner_params, keys)
+            config.rule.calibrate(stats, t, group.views[partner], ctx[partner])
+            for key, stacked in stats.items():
+                _unstack_into(state, partner_params, key, stacked)
+
+
+def run_step(
+    groups: Sequence[Group],
+    base: Optimizer,
+    state: State,
+    originals: Mapping[Tensor, Tensor],
+    factors: Sequence[Tensor],
+    others_have_grads: bool,
+    config: StepConfig,
+) -> None:
+    """Steps 5-7 for checked, clipped groups: the rule (or the base optimizer) moves the factors,
+    and the base optimizer steps every other parameter."""
+    if config.rule.uses_base_step:
+        step_delegated(groups, base, state, originals, factors, config)
+        return
+    for group in groups:
+        step_group(group, state, config)
+    if others_have_grads:
+        stashed = {factor: factor.grad for factor in factors}
+        for factor in factors:
+            factor.grad = None
+        try:
+            _base_step(base)
+        finally:
+            for factor, grad in stashed.items():
+                factor.grad = grad

@@ -1,0 +1,192 @@
+"""Where the wrapper keeps its state, and how a checkpoint of it is checked and loaded.
+
+Every LoRA factor has one entry in the base optimizer's ``state`` (keyed by the parameter
+object, so ``state_dict()`` and distributed checkpoints see one entry per parameter): the rule's
+statistics, and two keys of the wrapper's own:
+
+* ``lowrank_step``: steps this pair has taken (int64, on the CPU; the same on both factors), from
+  which the schedule derives which factor moves, so a resumed run continues in the same phase;
+* ``lowrank_basis_gram``: ``C C^T`` of the factor as the optimizer left it, its partner's Gram,
+  from which a factor changed outside the optimizer is detected.
+
+Every rank keeps the wrapper's keys of every pair; a sharded strategy keeps the statistics of a
+pair only where the pair is stepped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .linalg import compute_dtype, gram
+from .pairs import LoRAPair
+from .rule import CalibrationRule, Context, Switches
+from .views import SIDES, Side, build_view
+
+__all__ = [
+    "STATE_VERSION",
+    "VERSION_KEY",
+    "STEP_KEY",
+    "BASIS_GRAM_KEY",
+    "WRAPPER_KEYS",
+    "factor_matrix",
+    "basis_gram",
+    "create_state",
+    "hidden_wrapper_keys",
+    "LoadPlan",
+    "plan_load",
+]
+
+STATE_VERSION = 2
+VERSION_KEY = "lowrank_opt_version"
+STEP_KEY = "lowrank_step"
+BASIS_GRAM_KEY = "lowrank_basis_gram"
+WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
+
+
+def factor_matrix(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:
+    """A tensor shaped like factor ``side`` of ``pair`` seen as its matrix: ``(r, n)`` or ``(m, r)``."""
+    return pair.matrix_a(t) if side == "a" else pair.matrix_b(t)
+
+
+def basis_gram(coeff: Tensor) -> Tensor:
+    """The ``(..., r, r)`` Gram that coefficients ``C`` (..., r, l) give their partner, detached, in the compute dtype."""
+    c = coeff.detach()
+    return gram(c.to(compute_dtype(c.dtype)))
+
+
+def _canonical(side: Side, matrix: Tensor) -> Tensor:
+    return matrix if side == "a" else matrix.transpose(-2, -1)
+
+
+@torch.no_grad()
+def create_state(
+    pairs: Sequence[LoRAPair],
+    values: Callable[[Tensor], Tensor],
+    state: Mapping[Tensor, dict[str, Any]],
+    rule: CalibrationRule,
+    groups: Mapping[Tensor, Mapping[str, Any]],
+    switches: Switches,
+    owns: Callable[[int], bool],
+) -> None:
+    """Create every factor's state now, so a checkpoint has an entry per factor before step 1.
+
+    ``values(param)`` is the whole tensor of a factor (a gathered copy under FSDP2). Statistics
+    are created where this rank owns the pair and the rule keeps its own; the wrapper's keys
+    everywhere. Entries already holding the wrapper's keys (loaded) are left as they are.
+    """
+    for i, pair in enumerate(pairs):
+        a = pair.matrix_a(values(pair.a))[None]
+        b = pair.matrix_b(values(pair.b))[None]
+        cd = compute_dtype(a.dtype)
+        scale = torch.full((1, 1, 1), pair.scale, dtype=cd, device=a.device)
+        for side, param in zip(SIDES, (pair.a, pair.b)):
+            entry = state[param]
+            if STEP_KEY in entry:
+                continue
+            if owns(i) and not rule.uses_base_step:
+                view = build_view(side, [pair], a.to(cd), b.to(cd), scale)
+                ctx = Context.of(groups[param], torch.zeros(1, dtype=cd, device=a.device), switches)
+                entry.update({key: value[0].clone() for key, value in rule.init_state(view, ctx).items()})
+            matrix = a if side == "a" else b
+            entry[STEP_KEY] = torch.zeros((), dtype=torch.int64)
+            entry[BASIS_GRAM_KEY] = basis_gram(_canonical(side, matrix[0]))
+
+
+@contextmanager
+def hidden_wrapper_keys(entries: Sequence[dict[str, Any]]) -> Iterator[None]:
+    """The wrapper's keys taken out of ``entries`` for the duration: a base optimizer creates its
+    state lazily when it finds a parameter's entry empty."""
+    hidden = [{key: entry.pop(key) for key in WRAPPER_KEYS if key in entry} for entry in entries]
+    try:
+        yield
+    finally:
+        for entry, keys in zip(entries, hidden):
+            entry.update(keys)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """A checked checkpoint: the base optimizer's part, and each factor's entry, ready to install."""
+
+    base_state_dict: dict[str, Any]
+    factor_entries: dict[Tensor, dict[str, Any]]
+
+
+def _label(pair: LoRAPair, index: int) -> str:
+    return pair.name or f"pair {index}"
+
+
+def plan_load(
+    state_dict: Mapping[str, Any],
+    param_groups: Sequence[Mapping[str, Any]],
+    pairs: Sequence[LoRAPair],
+    live_state: Mapping[Tensor, Mapping[str, Any]],
+    owns: Callable[[int], bool],
+) -> LoadPlan:
+    """Check a whole checkpoint from ``state_dict()`` against the live optimizer before anything changes.
+
+    Raises ``ValueError`` naming the first mismatch: version, param groups, a factor without the
+    wrapper's keys, a statistic missing (a checkpoint of another rule) or of another shape (another
+    rank), or step counters that differ between the two factors of a pair.
+    """
+    version = state_dict.get(VERSION_KEY, STATE_VERSION)
+    if version not in (1, STATE_VERSION):
+        raise ValueError(f"state dict version {version!r} is not supported (expected {STATE_VERSION})")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer has {len(param_groups)}")
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {i} of the state dict has {len(saved['params'])} parameters, "
+                f"the optimizer's has {len(group['params'])}"
+            )
+    saved_id = {
+        p: pid for saved, group in zip(saved_groups, param_groups) for pid, p in zip(saved["params"], group["params"])
+    }
+    saved_state = state_dict["state"]
+    entries: dict[Tensor, dict[str, Any]] = {}
+    for index, pair in enumerate(pairs):
+        label = _label(pair, index)
+        steps = []
+        for side, factor in (("a", pair.a), ("b", pair.b)):
+            entry = saved_state.get(saved_id[factor])
+            if not isinstance(entry, Mapping) or any(key not in entry for key in WRAPPER_KEYS):
+                raise ValueError(f"state dict has no low-rank state for factor {side} of {label}")
+            r = pair.rank
+            if tuple(entry[BASIS_GRAM_KEY].shape) != (r, r):
+                raise ValueError(
+                    f"{label}, factor {side}: saved {BASIS_GRAM_KEY} is {tuple(entry[BASIS_GRAM_KEY].shape)}, "
+                    f"expected {(r, r)} (a checkpoint of another rank?)"
+                )
+            for key, value in live_state[factor].items():
+                if key in WRAPPER_KEYS or not isinstance(value, Tensor):
+                    continue
+                if key not in entry:
+                    raise ValueError(
+                        f"{label}, factor {side}: state dict lacks {key!r} (a checkpoint of another rule?)"
+                    )
+                if tuple(entry[key].shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"{label}, factor {side}: saved {key!r} is {tuple(entry[key].shape)}, expected {tuple(value.shape)}"
+                    )
+            steps.append(int(entry[STEP_KEY]))
+            keep = entry if owns(index) else {key: entry[key] for key in WRAPPER_KEYS}
+            device = factor.device
+            loaded = {
+                key: value.to(device=device, copy=True) if isinstance(value, Tensor) else value
+                for key, value in keep.items()
+            }
+            loaded[STEP_KEY] = torch.tensor(steps[-1], dtype=torch.int64)  # version 1 kept a float32 counter
+            entries[factor] = loaded
+        if steps[0] != steps[1]:
+            raise ValueError(f"{label}: the two factors' step counters differ in the state dict")
+    factor_ids = {saved_id[f] for f in entries}
+    base_state = {k: v for k, v in saved_state.items() if k not in factor_ids}
+    return LoadPlan({"state": base_state, "param_groups": saved_groups}, entries)
