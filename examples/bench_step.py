@@ -1,12 +1,21 @@
 """Optimizer-step cost of the lifted rules against their dense and plain-LoRA counterparts.
 
-For each size ``m = n`` and rank ``r`` it times ``optimizer.step()`` alone (gradients are set
-directly, no forward or backward) on one LoRA pair, and reports the median over repeated steps,
-the peak memory the step allocates on top of what exists before it, and the optimizer state.
+Two tables, each timing ``optimizer.step()`` alone (gradients are set directly, no forward or
+backward):
 
-    python examples/bench_step.py                                  # the full table, CPU
-    python examples/bench_step.py --sizes '[1024]' --ranks '[16]'  # one cell
-    python examples/bench_step.py --device cuda                    # on a GPU
+* ``pair``: one LoRA pair per size ``m = n`` and rank ``r``: the median step, the peak memory the
+  step allocates on top of what exists before it, and the optimizer state;
+* ``model``: every pair of a model-shaped set of layers at once (``minilm``: 6 layers of q, k, v,
+  o, up, down, 36 pairs at r = 8; ``decoder-0.5b``: 8 layers of a 0.5B decoder's q, k, v, o, up,
+  gate, down, 56 pairs at r = 16), each lifted rule against the same base optimizer stepping the
+  factors directly (plain LoRA, foreach) and against dense AdamW on the full-size weights. All
+  optimizers of a table live in one process and are timed in interleaved rounds
+  (``torch.utils.benchmark.Timer``); the medians are compared with the targets.
+
+    python examples/bench_step.py pair                                   # the single-pair table, CPU
+    python examples/bench_step.py pair --sizes '[1024]' --ranks '[16]'   # one cell
+    python examples/bench_step.py model --case minilm                    # model-shaped, CPU, 2 threads
+    python examples/bench_step.py model --case decoder-0.5b --device cuda
 
 On CPU the peak is measured by recording every tensor a step allocates (a dispatch mode, in a
 separate untimed step); on CUDA by the allocator's peak counter.
@@ -176,7 +185,7 @@ def _measure(case: Case, device: str, warmup: int, repeats: int) -> tuple[float,
     return statistics.median(times), peak, _state_bytes(case)
 
 
-def main(
+def pair(
     sizes: list[int] = [1024, 4096],  # noqa: B006 (jsonargparse reads defaults from the signature)
     ranks: list[int] = [4, 16, 64],  # noqa: B006
     methods: list[str] | None = None,
@@ -242,5 +251,122 @@ def main(
     return rows
 
 
+# (out, in) of each adapted layer, per transformer block.
+MODEL_LAYERS = {
+    "minilm": (6, 8, [(384, 384)] * 4 + [(1536, 384), (384, 1536)]),
+    "decoder-0.5b": (8, 16, [(896, 896), (128, 896), (128, 896), (896, 896), (4864, 896), (4864, 896), (896, 4864)]),
+}
+
+
+def _model_pairs(case: str, device: str, dtype: torch.dtype) -> list[lo.LoRAPair]:
+    blocks, r, shapes = MODEL_LAYERS[case]
+    return [_pair(m, n, r, device, dtype) for _ in range(blocks) for m, n in shapes]
+
+
+BASELINES: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "adamw-lora": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True),
+    "adafactor-lora": lambda p: torch.optim.Adafactor(p, lr=1e-2, foreach=True),
+    "muon-lora": _muon,
+    "sgd-lora": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
+    "adamw-dense": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, foreach=True),
+}
+# name -> (base optimizer, rule, rule options, baseline, target ratio). The lifted methods use the
+# baseline's own base optimizer (foreach); "-lora" baselines step the factors directly, "adamw-dense"
+# steps the full-size weights.
+MODEL_METHODS: dict[str, tuple[Callable[[list[Tensor]], torch.optim.Optimizer], str, dict, str, float]] = {
+    "loft-adamw-factored": (BASELINES["adamw-lora"], "loft_adamw", {"second_moment": "factored"}, "adamw-lora", 3.0),
+    "loft-adafactor-norm16": (
+        BASELINES["adafactor-lora"],
+        "loft_adafactor",
+        {"base_norm_every": 16},
+        "adafactor-lora",
+        3.0,
+    ),
+    "loft-muon": (BASELINES["muon-lora"], "loft_muon", {}, "muon-lora", 3.0),
+    "generic-sgd-momentum": (BASELINES["sgd-lora"], "generic", {}, "sgd-lora", 3.0),
+    "loft-adamw-diagonal": (BASELINES["adamw-lora"], "loft_adamw", {"second_moment": "diagonal"}, "adamw-dense", 1.0),
+    "loft-adamw-exact": (BASELINES["adamw-lora"], "loft_adamw", {"second_moment": "exact"}, "adamw-dense", 2.0),
+}
+
+
+def model(
+    case: str = "minilm",
+    methods: list[str] | None = None,
+    rounds: int = 7,
+    steps: int = 3,
+    device: str = "cpu",
+    threads: int | None = 2,
+) -> list[dict[str, object]]:
+    """Print a markdown table of step time for a model-shaped set of pairs, with ratios and targets.
+
+    Args:
+        case: ``minilm`` or ``decoder-0.5b`` (see :data:`MODEL_LAYERS`).
+        methods: names from :data:`MODEL_METHODS` (default: all whose rule is registered).
+        rounds: interleaved timing rounds; the median over rounds is reported.
+        steps: steps per method per round.
+        device: ``cpu`` or ``cuda``.
+        threads: ``torch.set_num_threads`` value (``None``: leave torch's choice).
+    """
+    from torch.utils.benchmark import Timer
+
+    if case not in MODEL_LAYERS:
+        raise SystemExit(f"unknown case {case!r}; choose from {list(MODEL_LAYERS)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    registered = lo.available_rules()
+    chosen = methods or [name for name, spec in MODEL_METHODS.items() if spec[1] in registered]
+    unknown = [name for name in chosen if name not in MODEL_METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(MODEL_METHODS)}")
+    gen = torch.Generator().manual_seed(1)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    needed = {MODEL_METHODS[name][3] for name in chosen}
+    for name in sorted(needed):
+        pairs = _model_pairs(case, device, torch.float32)
+        if name == "adamw-dense":
+            params = [nn.Parameter(torch.randn(p.full_shape, generator=gen).to(device)) for p in pairs]
+        else:
+            params = [f for p in pairs for f in (p.a, p.b)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+        optimizers[name] = BASELINES[name](params)
+    for name in chosen:
+        make, rule, options, _, _ = MODEL_METHODS[name]
+        pairs = _model_pairs(case, device, torch.float32)
+        params = [f for p in pairs for f in (p.a, p.b)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+        optimizers[name] = lo.LowRankWrapper(make(params), pairs, rule=rule, rule_options=options)
+    for opt in optimizers.values():  # state created, caches warm
+        opt.step()
+    sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
+    timers = {
+        name: Timer("opt.step(); " + sync, globals={"opt": opt, "torch": torch}) for name, opt in optimizers.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.timeit(steps).median)
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    blocks, r, shapes = MODEL_LAYERS[case]
+    print(
+        f"case={case} ({blocks * len(shapes)} pairs, r={r}) device={device} threads={torch.get_num_threads()} "
+        f"rounds={rounds} x {steps} steps (median)\n"
+    )
+    print("| method | step ms | baseline | baseline ms | ratio | target | met |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    rows = []
+    for name in chosen:
+        baseline, target = MODEL_METHODS[name][3], MODEL_METHODS[name][4]
+        ratio = ms[name] / ms[baseline]
+        met = "yes" if ratio <= target else f"no ({ratio / target:.2f}x over)"
+        print(
+            f"| {name} | {ms[name]:.2f} | {baseline} | {ms[baseline]:.2f} | {ratio:.2f} | {target:g} | {met} |",
+            flush=True,
+        )
+        rows.append({"method": name, "step_ms": ms[name], "baseline": baseline, "ratio": ratio, "target": target})
+    return rows
+
+
 if __name__ == "__main__":
-    CLI(main, as_positional=False)
+    CLI({"pair": pair, "model": model}, as_positional=False)

@@ -36,13 +36,23 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .layout import BASIS_GRAM_KEY, STEP_KEY, basis_gram, factor_matrix, hidden_wrapper_keys
-from .linalg import compute_dtype, damped_cholesky, transport
+from .linalg import compute_dtype, transport
 from .pairs import LoRAPair
 from .rule import CalibrationRule, Context, StateKind, Switches
 from .schedule import Schedule
 from .views import SIDES, FactorView, Side, build_view, other_side, tangent_sq_norm
 
-__all__ = ["StepConfig", "Group", "form_groups", "check_inputs", "clip_coefficient", "run_step", "label"]
+__all__ = [
+    "StepConfig",
+    "Group",
+    "GroupStore",
+    "steps_done",
+    "form_groups",
+    "check_inputs",
+    "clip_coefficient",
+    "run_step",
+    "label",
+]
 
 State = MutableMapping[Tensor, dict[str, Any]]
 
@@ -104,20 +114,22 @@ def stepping_pairs(pairs: Sequence[LoRAPair]) -> list[int]:
     return stepping
 
 
+def steps_done(pairs: Sequence[LoRAPair], indices: Sequence[int], state: State) -> dict[int, int]:
+    """The step counters of the pairs ``indices``, read with one transfer."""
+    if not indices:
+        return {}
+    return dict(zip(indices, torch.stack([state[pairs[i].a][STEP_KEY] for i in indices]).tolist()))
+
+
 def form_groups(
     pairs: Sequence[LoRAPair],
-    indices: Sequence[int],
-    state: State,
+    done: Mapping[int, int],
     param_group_of: Mapping[Tensor, Mapping[str, Any]],
     config: StepConfig,
-    with_grads: bool = True,
 ) -> list[Group]:
-    """Group the pairs ``indices`` and build their views (and ``g_hat`` with ``with_grads``)."""
-    if not indices:
-        return []
-    done = torch.stack([state[pairs[i].a][STEP_KEY] for i in indices]).tolist()
+    """Group the pairs of ``done`` (pair index -> steps taken) and build their views and ``g_hat``."""
     buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
-    for i, steps in zip(indices, done):
+    for i, steps in done.items():
         pair = pairs[i]
         key = (
             config.schedule.active(steps),
@@ -133,8 +145,8 @@ def form_groups(
     groups = []
     for key, members in buckets.items():
         chosen = [pairs[i] for i, _ in members]
-        a = torch.stack([pair.matrix_a(pair.a.detach()) for pair in chosen])  # (G, r, n)
-        b = torch.stack([pair.matrix_b(pair.b.detach()) for pair in chosen])  # (G, m, r)
+        a = torch.stack([pair.matrix_a(pair.a) for pair in chosen])  # (G, r, n)
+        b = torch.stack([pair.matrix_b(pair.b) for pair in chosen])  # (G, m, r)
         cd = compute_dtype(a.dtype)
         a, b = a.to(cd), b.to(cd)
         scale = torch.tensor([pair.scale for pair in chosen], dtype=cd, device=a.device)[:, None, None]
@@ -146,24 +158,54 @@ def form_groups(
             param_groups={"a": param_group_of[chosen[0].a], "b": param_group_of[chosen[0].b]},
             views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
         )
-        if with_grads:
-            for side in SIDES:
-                view = group.views[side]
-                grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(chosen, group.grads(side))])
-                if config.switches.rescale_grad:
-                    group.g_hat[side] = view.rescale(grad)
-                else:
-                    group.g_hat[side] = view.canonical(grad).to(cd)
+        for side in SIDES:
+            view = group.views[side]
+            grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(chosen, group.grads(side))])
+            if config.switches.rescale_grad:
+                group.g_hat[side] = view.rescale(grad)
+            else:
+                group.g_hat[side] = view.canonical(grad).to(cd)
         groups.append(group)
     return groups
 
 
-def _stack_entries(state: State, params: Sequence[Tensor], key: str) -> Tensor:
-    return torch.stack([state[p][key] for p in params])
+class GroupStore:
+    """Stacked ``(G, ...)`` statistics whose rows are the state entries themselves.
 
+    The engine reads a group's statistic as one tensor and updates it in place. When the entries
+    are still the rows this store made (same members, nothing loaded or replaced since), that
+    costs nothing; otherwise the entries are stacked once and replaced by rows of the new tensor.
+    The store is derived data, never saved: ``state`` stays the one source of truth, one entry per
+    parameter. :meth:`end_step` forgets the groups a step did not use.
+    """
 
-def _unstack_into(state: State, params: Sequence[Tensor], key: str, stacked: Tensor) -> None:
-    torch._foreach_copy_([state[p][key] for p in params], list(stacked.unbind(0)))
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._rows: dict[tuple[tuple[int, ...], str], tuple[Tensor, list[Tensor]]] = {}
+        self._used: set[tuple[tuple[int, ...], str]] = set()
+
+    def stacked(self, params: Sequence[Tensor], key: str) -> Tensor:
+        """``key`` of every parameter of ``params``, stacked; its rows are the state entries."""
+        ident = (tuple(map(id, params)), key)
+        entries = [self.state[p][key] for p in params]
+        self._used.add(ident)
+        cached = self._rows.get(ident)
+        if cached is not None and all(e is row for e, row in zip(entries, cached[1])):
+            return cached[0]
+        stacked = torch.stack(entries)
+        rows = list(stacked.unbind(0))
+        for p, row in zip(params, rows):
+            self.state[p][key] = row
+        self._rows[ident] = (stacked, rows)
+        return stacked
+
+    def statistics(self, params: Sequence[Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+        """Every key of ``keys`` that the parameters hold, stacked."""
+        return {key: self.stacked(params, key) for key in keys if key in self.state[params[0]]}
+
+    def end_step(self) -> None:
+        self._rows = {ident: rows for ident, rows in self._rows.items() if ident in self._used}
+        self._used = set()
 
 
 def check_inputs(
@@ -171,7 +213,7 @@ def check_inputs(
     factor_grads: Sequence[Tensor],
     other_flags: Sequence[Tensor],
     describe: Callable[[int], str],
-    state: State,
+    store: GroupStore,
     rule: CalibrationRule,
 ) -> None:
     """One host sync: every gradient finite, and the factors as this optimizer left them.
@@ -192,7 +234,7 @@ def check_inputs(
     for group in groups:
         for side in SIDES:
             view = group.views[side]
-            stored = _stack_entries(state, group.params(other_side(side)), BASIS_GRAM_KEY)
+            stored = store.stacked(group.params(other_side(side)), BASIS_GRAM_KEY)
             info = torch.finfo(view.gram.dtype)
             drift = (view.gram - stored).flatten(1).norm(dim=1)
             flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
@@ -207,7 +249,7 @@ def check_inputs(
         for side in SIDES:
             for member in range(len(group.pairs)):
                 if not host[position + member]:
-                    _reset_after_outside_change(group, member, side, state, rule)
+                    _reset_after_outside_change(group, member, side, store.state, rule)
             position += len(group.pairs)
 
 
@@ -223,7 +265,7 @@ def _reset_after_outside_change(group: Group, member: int, side: Side, state: St
     for key, kind in rule.state_kinds().items():
         if kind is not StateKind.FULL_SPACE and isinstance(entry.get(key), Tensor):
             entry[key].zero_()
-    state[_factor(pair, partner)][BASIS_GRAM_KEY] = group.views[side].gram[member].clone()
+    state[_factor(pair, partner)][BASIS_GRAM_KEY].copy_(group.views[side].gram[member])
 
 
 def pair_sq_norms(group: Group, full_space: bool) -> Tensor:
@@ -268,42 +310,37 @@ def _move(group: Group, side: Side, delta: Tensor) -> tuple[Tensor, Tensor]:
     decay = lr * float(group_hp.get("weight_decay", 0.0) or 0.0)
     old = view.coeff
     new = (old * (1 - decay) if decay else old) - delta
-    targets = [factor_matrix(pair, side, p.detach()) for pair, p in zip(group.pairs, params)]
+    targets = [factor_matrix(pair, side, p) for pair, p in zip(group.pairs, params)]
     torch._foreach_copy_(targets, list(view.canonical(new).unbind(0)))
-    return _record_move(group, side, old)
+    # Stored exactly when the factor's dtype is the compute dtype; else re-read the rounded values.
+    return _record_move(group, side, old, new if params[0].dtype == new.dtype else None)
 
 
-def _record_move(group: Group, side: Side, old: Tensor) -> tuple[Tensor, Tensor]:
-    """After factor ``side`` moved: its new Gram ``C_new C_new^T`` (recorded for outside-change
-    detection) and the partner's calibration map ``T = Gamma_new^-1 C_new C_old^T``."""
-    view = group.views[side]
-    stored = torch.stack([factor_matrix(pair, side, p.detach()) for pair, p in zip(group.pairs, group.params(side))])
-    new = view.canonical(stored).to(old.dtype)
+def _record_move(group: Group, side: Side, old: Tensor, new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """After factor ``side`` moved from ``old`` to ``new`` (read from the factors when not given):
+    its new Gram ``C_new C_new^T`` (recorded for outside-change detection) and the partner's
+    calibration map ``T = Gamma_new^-1 C_new C_old^T``."""
+    if new is None:
+        stored = torch.stack([factor_matrix(pair, side, p) for pair, p in zip(group.pairs, group.params(side))])
+        new = group.views[side].canonical(stored).to(old.dtype)
     gram_new = basis_gram(new)
-    return gram_new, transport(damped_cholesky(gram_new), new @ old.transpose(-2, -1))  # (r, l) @ (l, r)
+    return gram_new, transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
-def _stacked_state(state: State, params: Sequence[Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
-    return {key: _stack_entries(state, params, key) for key in keys if key in state[params[0]]}
-
-
-def step_group(group: Group, state: State, config: StepConfig) -> None:
-    """Observe both factors, move the active ones, calibrate their partners, write everything back."""
+def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
+    """Observe both factors, move the active ones, calibrate their partners (all in place)."""
     rule = config.rule
     keys = list(rule.state_kinds())
     ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
-    stats = {side: _stacked_state(state, group.params(side), keys) for side in SIDES}
+    stats = {side: store.statistics(group.params(side), keys) for side in SIDES}
     for side in SIDES:
         rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
     deltas = {side: rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side]) for side in group.active}
     for side in group.active:
         gram_new, t = _move(group, side, deltas[side])
-        _unstack_into(state, group.params(side), BASIS_GRAM_KEY, gram_new)
+        store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
         partner = other_side(side)
         rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
-    for side in SIDES:
-        for key, stacked in stats[side].items():
-            _unstack_into(state, group.params(side), key, stacked)
 
 
 @contextmanager
@@ -342,7 +379,7 @@ def _base_step(base: Optimizer) -> None:
 def step_delegated(
     groups: Sequence[Group],
     base: Optimizer,
-    state: State,
+    store: GroupStore,
     originals: Mapping[Tensor, Tensor],
     factors: Sequence[Tensor],
     config: StepConfig,
@@ -354,6 +391,7 @@ def step_delegated(
     the inactive factor is put back afterwards, the active one keeps its move, and its partner's
     statistics are calibrated by declaration.
     """
+    state = store.state
     stashed = {factor: factor.grad for factor in factors}
     for factor in factors:
         factor.grad = None
@@ -366,7 +404,7 @@ def step_delegated(
             for p, g in zip(params, matrices):
                 p.grad = g.to(p.dtype).reshape(p.shape)
             if side not in group.active:
-                kept.append((params, torch.stack([p.detach() for p in params]).clone()))
+                kept.append((params, torch.stack(params)))
             entries += [state[p] for p in params]
     try:
         with _substituted(base, originals, state), hidden_wrapper_keys(entries):
@@ -375,26 +413,23 @@ def step_delegated(
         for factor, grad in stashed.items():
             factor.grad = grad
     for params, values in kept:
-        torch._foreach_copy_([p.detach() for p in params], list(values.unbind(0)))
+        torch._foreach_copy_(params, list(values.unbind(0)))
     for group in groups:
         ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
         for side in group.active:
             gram_new, t = _record_move(group, side, group.views[side].coeff)
-            _unstack_into(state, group.params(side), BASIS_GRAM_KEY, gram_new)
+            store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
             partner = other_side(side)
             partner_params = group.params(partner)
             entry = state[partner_params[0]]
             keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in (STEP_KEY, BASIS_GRAM_KEY)]
-            stats = _stacked_state(state, partner_params, keys)
-            config.rule.calibrate(stats, t, group.views[partner], ctx[partner])
-            for key, stacked in stats.items():
-                _unstack_into(state, partner_params, key, stacked)
+            config.rule.calibrate(store.statistics(partner_params, keys), t, group.views[partner], ctx[partner])
 
 
 def run_step(
     groups: Sequence[Group],
     base: Optimizer,
-    state: State,
+    store: GroupStore,
     originals: Mapping[Tensor, Tensor],
     factors: Sequence[Tensor],
     others_have_grads: bool,
@@ -403,10 +438,10 @@ def run_step(
     """Steps 5-7 for checked, clipped groups: the rule (or the base optimizer) moves the factors,
     and the base optimizer steps every other parameter."""
     if config.rule.uses_base_step:
-        step_delegated(groups, base, state, originals, factors, config)
+        step_delegated(groups, base, store, originals, factors, config)
         return
     for group in groups:
-        step_group(group, state, config)
+        step_group(group, store, config)
     if others_have_grads:
         stashed = {factor: factor.grad for factor in factors}
         for factor in factors:

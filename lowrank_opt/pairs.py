@@ -82,11 +82,11 @@ class LoRAPair:
 
     def matrix_a(self, t: Tensor) -> Tensor:
         """A tensor shaped like ``a`` seen as the ``(r, n)`` matrix (a view)."""
-        return rearrange(t, "r ... -> r (...)")
+        return t if t.ndim == 2 else rearrange(t, "r ... -> r (...)")
 
     def matrix_b(self, t: Tensor) -> Tensor:
         """A tensor shaped like ``b`` seen as the ``(m, r)`` matrix (a view)."""
-        return rearrange(t, "m r ... -> m (r ...)")
+        return t if t.ndim == 2 else rearrange(t, "m r ... -> m (r ...)")
 
     def base_matrix(self) -> Tensor | None:
         """``W0`` as the ``(m, n)`` matrix (detached), read from the live tensor; ``None`` without one."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -101,10 +102,10 @@ def calibrate_state(
             continue
         if kind is StateKind.LINEAR and switches.calibrate_first_moment:
             z = view.canonical(value)
-            z.copy_(t.to(z.dtype) @ z)
+            z.copy_(torch.bmm(t.to(z.dtype), z))
         elif kind is StateKind.QUADRATIC and switches.calibrate_second_moment:
             v = view.canonical(value)
-            v.copy_((t * t).to(v.dtype) @ v)
+            v.copy_(torch.bmm((t * t).to(v.dtype), v))
         elif kind is StateKind.BLOCK and switches.calibrate_second_moment:
             r = t.shape[-1]
             block = max(1, _CALIBRATION_ELEMENTS // (t.shape[0] * r * r))

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from .linalg import cholesky_solve, compute_dtype, damped_cholesky, gram
+from .linalg import compute_dtype, damped_inverse, gram
 from .pairs import LoRAPair
 
 __all__ = ["Side", "SIDES", "FactorView", "build_view", "view_of", "other_side", "tangent_sq_norm"]
@@ -41,8 +40,8 @@ def other_side(side: Side) -> Side:
 class FactorView:
     """One factor of ``G`` pairs seen as coefficients ``C`` over the frozen bases ``F``.
 
-    The Grams ``Gamma = F^T F`` and their damped Cholesky factors are computed once per step and
-    reused by rescaling, clipping, projection and calibration.
+    The Grams ``Gamma = F^T F`` and their damped inverses are computed once per step and reused by
+    rescaling, clipping and projection.
     """
 
     side: Side
@@ -50,7 +49,7 @@ class FactorView:
     basis: Tensor  # F (G, k, r), compute dtype
     coeff: Tensor  # C (G, r, l), compute dtype, as the step found it
     gram: Tensor  # Gamma (G, r, r)
-    chol: Tensor  # Cholesky factor of Gamma + lambda I (G, r, r)
+    inverse: Tensor  # (Gamma + lambda I)^-1 (G, r, r), from its Cholesky factor
     scale: Tensor  # s (G, 1, 1)
     full_shape: tuple[int, int]  # (m, n), the original orientation
 
@@ -65,7 +64,7 @@ class FactorView:
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``Gamma^-1 rhs`` (damped)."""
-        return cholesky_solve(self.chol, rhs)
+        return torch.bmm(self.inverse, rhs)
 
     def rescale(self, grad: Tensor) -> Tensor:
         """Coefficient gradients ``g_hat = Gamma^-1 dL/dC / s^2`` (G, r, l); ``s F g_hat = P_F G``."""
@@ -73,15 +72,15 @@ class FactorView:
 
     def project(self, update: Tensor) -> Tensor:
         """``Gamma^-1 F^T U / s`` (G, r, c) for full-space update blocks ``U`` (G, k, c)."""
-        return self.solve(self.basis.transpose(-2, -1) @ update) / self.scale  # (r, k) @ (k, c) -> (r, c)
+        return self.solve(torch.bmm(self.basis.mT, update)) / self.scale  # (r, k) @ (k, c) -> (r, c)
 
     def full_mean_squares(self, g_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Row ``(G, k)`` and column ``(G, l)`` mean squares of ``X = s F g_hat`` without forming it:
         ``row_i = s^2 f_i^T (g g^T) f_i / l`` and ``col_j = s^2 g_j^T Gamma g_j / k``."""
         s2 = self.scale.square()
         k, l = self.basis.shape[-2], g_hat.shape[-1]
-        rows = ((self.basis @ gram(g_hat)) * self.basis).sum(-1) * (s2[..., 0] / l)  # (k, r) @ (r, r) -> (k, r)
-        cols = ((self.gram @ g_hat) * g_hat).sum(-2) * (s2[..., 0] / k)  # (r, r) @ (r, l) -> (r, l)
+        rows = (torch.bmm(self.basis, gram(g_hat)) * self.basis).sum(-1) * (s2[..., 0] / l)  # (k, r) @ (r, r) -> (k, r)
+        cols = (torch.bmm(self.gram, g_hat) * g_hat).sum(-2) * (s2[..., 0] / k)  # (r, r) @ (r, l) -> (r, l)
         # Quadratic forms of PSD matrices: only rounding can make them negative.
         return rows.clamp_(min=0), cols.clamp_(min=0)
 
@@ -98,13 +97,10 @@ class FactorView:
 def build_view(side: Side, pairs: Sequence[LoRAPair], a: Tensor, b: Tensor, scale: Tensor) -> FactorView:
     """The view of ``side`` of the stacked factors ``a`` (G, r, n) and ``b`` (G, m, r) (compute dtype),
     with the other factor as frozen basis."""
-    if side == "a":
-        basis, coeff = b, a
-    else:
-        basis, coeff = rearrange(a, "g r n -> g n r"), rearrange(b, "g m r -> g r m")
-    gamma = gram(rearrange(basis, "g k r -> g r k"))
+    basis, coeff = (b, a) if side == "a" else (a.mT, b.mT)  # F (G, k, r), C (G, r, l)
+    gamma = gram(basis.mT)
     full_shape = (b.shape[-2], a.shape[-1])
-    return FactorView(side, tuple(pairs), basis, coeff, gamma, damped_cholesky(gamma), scale, full_shape)
+    return FactorView(side, tuple(pairs), basis, coeff, gamma, damped_inverse(gamma), scale, full_shape)
 
 
 def view_of(pair: LoRAPair, side: Side) -> FactorView:
@@ -123,8 +119,8 @@ def tangent_sq_norm(view_a: FactorView, g_a: Tensor, view_b: FactorView, g_b: Te
     full-space gradient that a step moving both factors sees. With ``Y = g_a A^T`` (r, r) and
     ``Z = Gamma_b^-1 Y^T``, ``||P_B G P_A||^2 = s^2 sum((Z^T Gamma_b Z) * Gamma_a)``.
     """
-    y = g_a @ view_b.basis  # (r, n) @ (n, r) -> (r, r)
+    y = torch.bmm(g_a, view_b.basis)  # (r, n) @ (n, r) -> (r, r)
     z = view_b.solve(y.transpose(-2, -1))
     zt = z.transpose(-2, -1)
-    cross = ((zt @ view_b.gram @ z) * view_a.gram).sum((-2, -1)) * view_a.scale.square()[:, 0, 0]
+    cross = (torch.bmm(torch.bmm(zt, view_b.gram), z) * view_a.gram).sum((-2, -1)) * view_a.scale.square()[:, 0, 0]
     return view_a.full_sq_norm(g_a) + view_b.full_sq_norm(g_b) - cross

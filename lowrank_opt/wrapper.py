@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from .distributed import DistributedStrategy, Materialised, default_strategy
 from .engine import (
     Group,
+    GroupStore,
     StepConfig,
     check_inputs,
     clip_coefficient,
@@ -27,6 +28,7 @@ from .engine import (
     run_step,
     scale_,
     stepping_pairs,
+    steps_done,
 )
 from .layout import BASIS_GRAM_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, basis_gram, create_state, plan_load
 from .pairs import LoRAPair, find_lora_pairs
@@ -119,6 +121,7 @@ class LowRankWrapper(Optimizer):
         self.base, self.param_groups, self.state = base_optimizer, base_optimizer.param_groups, base_optimizer.state
         self.pairs, self.config, self.max_grad_norm = pairs, config, max_grad_norm
         self.last_grad_norm: Tensor | None = None
+        self._store: GroupStore | None = None
         group_of = self._param_group_of()
         for i, pair in enumerate(pairs):
             for side, factor in (("a", pair.a), ("b", pair.b)):
@@ -191,18 +194,19 @@ class LowRankWrapper(Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------------ step
-    def _groups(self, work: Materialised) -> tuple[list[int], list[Group], list[Tensor]]:
-        """Stepping pairs, the groups of those this rank owns (with ``g_hat``), and the other gradients."""
-        stepping = stepping_pairs(work.pairs)
-        owned = [i for i in stepping if self.distributed.owns(i)]
-        groups = form_groups(work.pairs, owned, work.state, self._working_groups(work), self.config)
+    def _groups(self, work: Materialised) -> tuple[dict[int, int], list[Group], list[Tensor]]:
+        """Steps taken by every stepping pair, the groups of those this rank owns (with ``g_hat``),
+        and the gradients of the other parameters."""
+        done = steps_done(work.pairs, stepping_pairs(work.pairs), work.state)
+        owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
+        groups = form_groups(work.pairs, owned, self._working_groups(work), self.config)
         others = [
             p.grad
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None and p not in self._factors
         ]
-        return stepping, groups, others
+        return done, groups, others
 
     def _total_norm(self, groups: list[Group], others: list[Tensor]) -> Tensor:
         device = self.pairs[0].a.device
@@ -224,10 +228,10 @@ class LowRankWrapper(Optimizer):
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         with torch.no_grad(), self._materialised() as work:
-            stepping, groups, others = self._groups(work)
+            done, groups, others = self._groups(work)
             total = self._total_norm(groups, others)
             if max_norm < math.inf:
-                factor_grads = [f.grad for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
+                factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
                 scale_(factor_grads + others, clip_coefficient(total, max_norm))  # type: ignore[arg-type]
         return total
 
@@ -240,32 +244,31 @@ class LowRankWrapper(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with self._materialised() as work:
-            stepping, groups, others = self._groups(work)
-            factor_grads = [f.grad for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
-            check_inputs(
-                groups,
-                factor_grads,
-                self.distributed.finite_flags(others),
-                self._describe,
-                work.state,
-                self.rule,  # type: ignore[arg-type]
-            )
+            done, groups, others = self._groups(work)
+            factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
+            # Rows of the stored statistics are reused across steps; gathered copies (FSDP2) are not kept.
+            store = GroupStore(work.state) if work.originals else self._store_for(work.state)
+            check_inputs(groups, factor_grads, self.distributed.finite_flags(others), self._describe, store, self.rule)
             if self.max_grad_norm is not None:
                 coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
                 scale_([g for group in groups for g in group.g_hat.values()] + others, coef)
             # The base optimizer must not see the factors (its own or gathered copies) unless a rule delegates.
             factors = list(self._factors | {f for pair in work.pairs for f in (pair.a, pair.b)})
-            run_step(groups, self.base, work.state, work.originals, factors, bool(others), self.config)
-            self._advance(work, stepping)
+            run_step(groups, self.base, store, work.originals, factors, bool(others), self.config)
+            store.end_step()
+            self._advance(work, done)
         return loss
 
-    def _advance(self, work: Materialised, stepping: list[int]) -> None:
+    def _store_for(self, state: Any) -> GroupStore:
+        """The store of stacked statistics, rebuilt when the state was replaced (a load)."""
+        if self._store is None or self._store.state is not state:
+            self._store = GroupStore(state)
+        return self._store
+
+    def _advance(self, work: Materialised, done: dict[int, int]) -> None:
         """Count the step on every stepping pair and give every rank the factors that moved."""
-        moved = []
-        for i in stepping:
-            pair = work.pairs[i]
-            done = int(work.state[pair.a][STEP_KEY])
-            moved += [(i, side) for side in self.schedule.active(done)]
+        stepping = list(done)
+        moved = [(i, side) for i, steps in done.items() for side in self.schedule.active(steps)]
         if stepping:
             counters = [work.state[f][STEP_KEY] for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
             torch._foreach_add_(counters, 1)

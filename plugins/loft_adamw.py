@@ -104,13 +104,13 @@ def projected_direction(
     ft = f.transpose(-2, -1)
     for start in range(0, l, block):
         cols = slice(start, start + block)
-        first = f @ m_hat[..., cols]  # (k, r) @ (r, c) -> (k, c)
-        denom = (rows @ stats[:, cols].transpose(-2, -1).to(rows.dtype)).div_(bc2)  # (k, q) @ (q, c) -> (k, c)
+        first = torch.bmm(f, m_hat[..., cols])  # (k, r) @ (r, c) -> (k, c)
+        denom = torch.bmm(rows, stats[:, cols].mT.to(rows.dtype)).div_(bc2)  # (k, q) @ (q, c) -> (k, c)
         if floor is not None:
             torch.maximum(denom, first.square().mul_(floor), out=denom)
         denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
         u = first.mul_(s).div_(denom)
-        out[..., cols] = ft @ u  # (r, k) @ (k, c) -> (r, c)
+        out[..., cols] = torch.bmm(ft, u)  # (r, k) @ (k, c) -> (r, c)
     return view.solve(out) / s
 
 
@@ -215,8 +215,8 @@ class FactoredSecondMoment:
         r_hat, k_hat = rows.to(dtype) / bc, cols.to(dtype) / bc
         a = (r_hat / r_hat.mean(-1, keepdim=True)).rsqrt()  # (G, k)
         b = k_hat.rsqrt()  # (G, l)
-        weighted = view.basis.transpose(-2, -1) @ (a[..., None] * view.basis)  # (r, k) @ (k, r) -> (r, r)
-        return view.solve(weighted @ m_hat) * b[:, None, :]
+        weighted = torch.bmm(view.basis.mT, a[..., None] * view.basis)  # (r, k) @ (k, r) -> (r, r)
+        return view.solve(torch.bmm(weighted, m_hat)) * b[:, None, :]
 
 
 SecondMoment = ExactSecondMoment | FactoredSecondMoment
