@@ -117,6 +117,7 @@ class LowRankWrapper(Optimizer):
         self.switches = Switches(rescale_grad, calibrate_first_moment, calibrate_second_moment, project_update)
         self.max_grad_norm = max_grad_norm
         self.full_space_clip = full_space_clip
+        self.last_grad_norm: Tensor | None = None  # the total full-space norm of the last clip or measure
         self.rule = resolve_rule(rule, base_optimizer, rule_options)
         self.rule.bind(base_optimizer, self.switches)
 
@@ -436,16 +437,20 @@ class LowRankWrapper(Optimizer):
 
         Like :func:`torch.nn.utils.clip_grad_norm_` (call it between ``backward()`` and ``step()``),
         but a pair contributes the norm of its full-space gradient ``||s F g_hat||``, never of its
-        raw factor gradients. Scales every ``.grad`` in place and returns the total norm before clipping.
+        raw factor gradients. Scales every ``.grad`` in place and returns the total norm before clipping
+        (also kept in ``last_grad_norm``); ``max_norm=float("inf")`` only measures it.
         """
-        if not (isinstance(max_norm, (int, float)) and 0 < max_norm < math.inf):
-            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0):  # NaN fails the comparison too
+            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         with torch.no_grad(), self.distributed.gathered(self):
             views = self._take_views()
             stepping = self._stepping_pairs()
             grads = self._coefficient_grads(views, stepping)
             others = self._other_grads()
             total = self._total_norm(views, grads, others)
+            self.last_grad_norm = total
+            if max_norm == math.inf:
+                return total
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             factor_grads = [f.grad for i in stepping for f in (self.pairs[i].a, self.pairs[i].b) if f.grad is not None]
             for g in factor_grads + others:
@@ -466,7 +471,7 @@ class LowRankWrapper(Optimizer):
                 stepping = self._stepping_pairs()
                 grads = self._coefficient_grads(views, stepping)
                 if self.max_grad_norm is not None:
-                    self._clip(self.max_grad_norm, views, grads)
+                    self.last_grad_norm = self._clip(self.max_grad_norm, views, grads)
                 groups = self._group_of()
                 delegated: list[tuple[int, tuple[Side, ...]]] = []
                 moved: list[tuple[int, FactorView]] = []
