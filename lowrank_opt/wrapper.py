@@ -441,7 +441,7 @@ class LowRankWrapper(Optimizer):
         (also kept in ``last_grad_norm``); ``max_norm=float("inf")`` only measures it.
         """
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):  # NaN fails the comparison too
-            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r} (or inf to only measure)")
         with torch.no_grad(), self.distributed.gathered(self):
             views = self._take_views()
             stepping = self._stepping_pairs()
