@@ -8,6 +8,7 @@ Wrap an already-built optimizer around the LoRA pairs of a model::
 See ``docs/`` for the mathematics of each rule.
 """
 
+from .hybrid import MuonWithAdamW
 from .linalg import compute_dtype
 from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
 from .registry import ENTRY_POINT_GROUP, available_rules, resolve_rule, rule_for
@@ -24,6 +25,7 @@ __all__ = [
     "LoRALinear",
     "LoRAPair",
     "LowRankWrapper",
+    "MuonWithAdamW",
     "STATE_VERSION",
     "Schedule",
     "StateKind",
