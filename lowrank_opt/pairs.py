@@ -234,7 +234,13 @@ def _plain_or_dora(layer: Any, adapter: str) -> str | None:
 
     dora = tuple(
         getattr(variants, name)
-        for name in ("DoraLinearVariant", "DoraEmbeddingVariant", "DoraConv1dVariant", "DoraConv2dVariant", "DoraConv3dVariant")
+        for name in (
+            "DoraLinearVariant",
+            "DoraEmbeddingVariant",
+            "DoraConv1dVariant",
+            "DoraConv2dVariant",
+            "DoraConv3dVariant",
+        )
         if hasattr(variants, name)
     )
     return None if isinstance(variant, dora) else type(variant).__name__
@@ -255,7 +261,9 @@ def _peft_pairs(module: nn.Module, module_name: str) -> tuple[list[LoRAPair], li
     layer: Any = module  # peft's attributes are untyped
     linear, embedding, conv = _supported_peft_layers()
     if isinstance(module, embedding):
-        factors = {name: (layer.lora_embedding_A[name], layer.lora_embedding_B[name]) for name in layer.lora_embedding_A}
+        factors = {
+            name: (layer.lora_embedding_A[name], layer.lora_embedding_B[name]) for name in layer.lora_embedding_A
+        }
     else:
         factors = {name: (layer.lora_A[name].weight, layer.lora_B[name].weight) for name in layer.lora_A}
     pairs: list[LoRAPair] = []
