@@ -8,6 +8,7 @@ Wrap an already-built optimizer around the LoRA pairs of a model::
 See ``docs/`` for the mathematics of each rule.
 """
 
+from .advice import LowRankAdviceWarning, advise
 from .hybrid import MuonWithAdamW
 from .linalg import compute_dtype
 from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
@@ -24,12 +25,14 @@ __all__ = [
     "HasLoRAPairs",
     "LoRALinear",
     "LoRAPair",
+    "LowRankAdviceWarning",
     "LowRankWrapper",
     "MuonWithAdamW",
     "STATE_VERSION",
     "Schedule",
     "StateKind",
     "Switches",
+    "advise",
     "available_rules",
     "build_view",
     "calibrate_state",
