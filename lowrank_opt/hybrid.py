@@ -152,7 +152,7 @@ class MuonWithAdamW(torch.optim.Muon):
                 "MuonWithAdamW.from_model(model) builds the groups from a model"
             )
         defaults = self.defaults if flag else self.adamw_defaults
-        foreign = sorted(set(param_group) & ((_ADAMW_ONLY if flag else _MUON_ONLY) - set(defaults)))
+        foreign = sorted(set(param_group) & (_ADAMW_ONLY if flag else _MUON_ONLY))
         if foreign:
             part = "a Muon" if flag else "an AdamW"
             raise ValueError(f"param group {index} is {part} group but sets {', '.join(foreign)}")
@@ -262,11 +262,6 @@ class MuonWithAdamW(torch.optim.Muon):
             eps=group["eps"],
             maximize=False,
         )
-
-    def __repr__(self) -> str:
-        muon_count = sum(len(g["params"]) for g in self.param_groups if g[USE_MUON])
-        adamw_count = sum(len(g["params"]) for g in self.param_groups if not g[USE_MUON])
-        return f"MuonWithAdamW(muon: {muon_count} parameters, adamw: {adamw_count} parameters)"
 
 
 def _scalar_dtype() -> torch.dtype:

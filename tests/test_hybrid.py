@@ -33,7 +33,8 @@ def _loss(net: nn.Module, step: int) -> Tensor:
     gen = torch.Generator().manual_seed(100 + step)
     x = torch.randn(16, 6, generator=gen)
     y = torch.randn(16, 3, generator=gen)
-    return (net(x) - y).pow(2).mean()
+    device = next(net.parameters()).device
+    return (net(x.to(device)) - y.to(device)).pow(2).mean()
 
 
 def _muon_params(net: Net) -> list[nn.Parameter]:
@@ -79,15 +80,20 @@ def _assert_same(a: nn.Module, b: nn.Module) -> None:
         ),
     ],
 )
-def test_equals_muon_and_adamw_stepped_separately(muon_kw: dict, adamw_kw: dict) -> None:
-    net, ref = Net(), Net()
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_equals_muon_and_adamw_stepped_separately(muon_kw: dict, adamw_kw: dict, device: str) -> None:
+    # On a GPU both sides pick torch's for-each AdamW; on the CPU its single-tensor one.
+    net, ref = Net().to(device), Net().to(device)
     hybrid = _hybrid(net, lr=0.02, **muon_kw, **{f"adamw_{k}": v for k, v in adamw_kw.items()}, adamw_lr=3e-3)
     muon = torch.optim.Muon(_muon_params(ref), lr=0.02, **muon_kw)
     adamw = torch.optim.AdamW(_adamw_params(ref), lr=3e-3, **adamw_kw)
     _train(net, [hybrid], range(6), lambda: None)
     _train(ref, [muon, adamw], range(6), lambda: None)
     _assert_same(net, ref)
-    assert not any(torch.equal(p, q) for p, q in zip(net.parameters(), Net().parameters()))  # everything moved
+    assert not any(torch.equal(p.cpu(), q) for p, q in zip(net.parameters(), Net().parameters()))  # all moved
 
 
 def test_groups_carry_their_own_hyperparameters() -> None:
