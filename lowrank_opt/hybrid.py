@@ -11,7 +11,7 @@ A step runs torch's own implementations on each part, group by group:
 
 * ``use_muon=True`` groups: the functional Muon step of ``torch.optim.Muon``,
   ``B <- mu B + (1 - mu) g``, ``O = NS(g + mu (B - g))`` (or ``NS(B)`` without Nesterov),
-  ``W <- W (1 - lr lambda) - rho(m, n) lr O``;
+  ``W <- W (1 - lr lambda) - rho(m, n) lr O`` with torch's shape adjustment ``rho``;
 * ``use_muon=False`` groups: the functional AdamW step of ``torch.optim.AdamW``
   (``torch.optim.adamw.adamw``), with torch's default choice of implementation.
 
@@ -118,7 +118,7 @@ class MuonWithAdamW(torch.optim.Muon):
 
         Example::
 
-            opt = MuonWithAdamW.from_model(model, lr=2e-2, adamw_lr=3e-4)
+            opt = MuonWithAdamW.from_model(model, lr=3e-2, adamw_lr=1e-3)
             opt = lowrank_opt.LowRankWrapper(opt, model)  # loft_muon on the factors
         """
         muon_set: set[Tensor] = set()
