@@ -9,6 +9,7 @@ See ``docs/`` for the mathematics of each rule.
 """
 
 from .advice import LowRankAdviceWarning, advise
+from .factory import build
 from .hybrid import MuonWithAdamW
 from .linalg import compute_dtype
 from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
@@ -34,6 +35,7 @@ __all__ = [
     "Switches",
     "advise",
     "available_rules",
+    "build",
     "build_view",
     "calibrate_state",
     "compute_dtype",

@@ -28,7 +28,9 @@ def _resolve_class(optimizer_cls: type[Optimizer] | str) -> type[Optimizer]:
     if isinstance(optimizer_cls, str):
         module_name, _, attr = optimizer_cls.rpartition(".")
         if not module_name:
-            raise ValueError(f"optimizer_cls must be a class or a dotted path like 'torch.optim.AdamW', got {optimizer_cls!r}")
+            raise ValueError(
+                f"optimizer_cls must be a class or a dotted path like 'torch.optim.AdamW', got {optimizer_cls!r}"
+            )
         try:
             resolved = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as error:

@@ -143,7 +143,11 @@ def test_conflicting_thresholds_are_refused(tmp_path):
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, max_grad_norm=0.5
     )
     trainer = LowRankTrainer(
-        model=model, args=arguments(tmp_path), train_dataset=make_data(), optimizers=(opt, None), data_collator=Recorder()
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=make_data(),
+        optimizers=(opt, None),
+        data_collator=Recorder(),
     )
     with pytest.raises(ValueError, match=r"clips at max_grad_norm=0.5 but TrainingArguments.max_grad_norm is 1.0"):
         trainer.train()

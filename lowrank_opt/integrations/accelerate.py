@@ -27,7 +27,9 @@ __all__ = ["full_space_clipping", "unwrap_optimizer"]
 def unwrap_optimizer(optimizer: Any) -> LowRankWrapper:
     """The :class:`~lowrank_opt.LowRankWrapper` inside ``optimizer`` (accelerate's, Lightning's or none)."""
     inner = optimizer
-    while not isinstance(inner, LowRankWrapper) and isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+    while not isinstance(inner, LowRankWrapper) and isinstance(
+        getattr(inner, "optimizer", None), torch.optim.Optimizer
+    ):
         inner = inner.optimizer
     if not isinstance(inner, LowRankWrapper):
         raise ValueError(f"expected a LowRankWrapper (or an optimizer wrapping one), got {type(optimizer).__name__}")
