@@ -45,7 +45,10 @@ class LowRankTrainer(Trainer):
         """The ``Trainer``'s optimizer, wrapped; ``accelerator.clip_grad_norm_`` made full-space."""
         optimizer = super().create_optimizer(model)
         if not isinstance(optimizer, LowRankWrapper):
-            optimizer = LowRankWrapper(optimizer, self.model if model is None else model, **self.lowrank_options)
+            target = self.model if model is None else model
+            if target is None:
+                raise ValueError("LowRankTrainer needs a model to find its LoRA pairs")
+            optimizer = LowRankWrapper(optimizer, target, **self.lowrank_options)
         wrapper = unwrap_optimizer(optimizer)
         max_norm = self.args.max_grad_norm
         if max_norm is not None and max_norm > 0:
