@@ -43,7 +43,8 @@ class LowRankTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> Optimizer:
         """The ``Trainer``'s optimizer, wrapped; ``accelerator.clip_grad_norm_`` made full-space."""
-        optimizer = super().create_optimizer(model)
+        # transformers before 5 takes no model argument here
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
         if not isinstance(optimizer, LowRankWrapper):
             target = self.model if model is None else model
             if target is None:
