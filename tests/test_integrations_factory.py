@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +59,12 @@ def test_a_model_without_trainable_parameters_is_refused():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="Linear has no parameter that requires grad"):
         lo.build(frozen, torch.optim.AdamW)
+
+
+def test_the_core_and_the_integrations_package_import_no_framework():
+    code = (
+        "import sys, lowrank_opt, lowrank_opt.integrations; "
+        "print(sorted(m for m in ('transformers', 'accelerate', 'lightning', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
