@@ -221,7 +221,7 @@ def _supported_peft_layers() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
         linear += tuple(
             cls for cls in (getattr(lora_bnb, "Linear8bitLt", None), getattr(lora_bnb, "Linear4bit", None)) if cls
         )
-    conv = (lora_layer.Conv1d, lora_layer.Conv2d, lora_layer.Conv3d) if hasattr(lora_layer, "Conv1d") else ()
+    conv = tuple(getattr(lora_layer, name) for name in ("Conv1d", "Conv2d", "Conv3d") if hasattr(lora_layer, name))
     return linear, (lora_layer.Embedding,), conv
 
 
@@ -260,6 +260,11 @@ def _peft_pairs(module: nn.Module, module_name: str) -> tuple[list[LoRAPair], li
         return None
     layer: Any = module  # peft's attributes are untyped
     linear, embedding, conv = _supported_peft_layers()
+    if not isinstance(module, linear + embedding + conv):
+        trainable = [name for name, sub in layer.lora_A.items() if any(p.requires_grad for p in sub.parameters())]
+        trainable += [name for name, p in layer.lora_embedding_A.items() if p.requires_grad]
+        reason = f"{type(module).__name__} layers are not supported"
+        return [], [f"{module_name} (adapter {name!r}): {reason}" for name in trainable]
     if isinstance(module, embedding):
         factors = {
             name: (layer.lora_embedding_A[name], layer.lora_embedding_B[name]) for name in layer.lora_embedding_A
@@ -274,9 +279,6 @@ def _peft_pairs(module: nn.Module, module_name: str) -> tuple[list[LoRAPair], li
         label = f"{module_name} (adapter {adapter!r})"
         base = layer.get_base_layer()
         variant = _plain_or_dora(layer, adapter)
-        if not isinstance(module, linear + embedding + conv):
-            refusals.append(f"{label}: {type(module).__name__} layers are not supported")
-            continue
         if variant is not None:
             refusals.append(f"{label}: the LoRA variant {variant} is not supported")
             continue

@@ -308,3 +308,11 @@ def test_quantized_bases_are_dequantized_on_demand(bits):
     w = pair.base_matrix()
     assert pair.full_shape == (32, 64) and w.shape == (32, 64) and w.is_floating_point()
     assert (w.float().cpu() - dense.weight).abs().max() < 0.2 * dense.weight.abs().max()
+
+
+def test_peft_layer_types_that_are_not_lifted_are_named():
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(8, 2))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["attn"]))
+    with pytest.raises(ValueError, match=r"attn \(adapter 'default'\): MultiheadAttention layers are not supported"):
+        lo.find_lora_pairs(model)
