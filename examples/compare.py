@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
@@ -131,8 +131,76 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str | None, default=None, help="Output folder (default: runs/<config name>)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, ...")
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads")
-    parser.add_argument("--progress", type=bool, default=True, help="Show progress bars")
+    parser.add_argument(
+        "--progress", type=bool, default=True, help="Report progress on stderr: bars on a terminal, else lines"
+    )
+    parser.add_argument(
+        "--progress_every",
+        type=float,
+        default=30.0,
+        help="Off a terminal: a line per finished run and one every this many seconds within a run",
+    )
     return parser
+
+
+# Progress -------------------------------------------------------------------
+
+
+class Progress:
+    """Progress on stderr: tqdm bars on a terminal; elsewhere (a log file, CI) plain lines.
+
+    Off a terminal a bar redraws itself into the log on every update, so instead there is one
+    line per finished job and, within a job, one every ``every`` seconds.
+    """
+
+    def __init__(self, jobs: int, enabled: bool, every: float, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.bars = enabled and self.stream.isatty()
+        self.lines = enabled and not self.bars
+        self.every = every
+        self.jobs = jobs
+        self.done = 0
+        self.total = tqdm(total=jobs, desc="runs", disable=not self.bars, file=self.stream)
+        self.bar: tqdm | None = None
+        self.desc = ""
+        self.steps = 0
+        self.started = self.last = 0.0
+
+    def start(self, desc: str, steps: int) -> None:
+        """A job of ``steps`` steps begins."""
+        self.desc, self.steps = desc, steps
+        self.started = self.last = time.monotonic()
+        if self.bars:
+            self.bar = tqdm(total=steps, desc=desc, leave=False, file=self.stream)
+
+    def step(self, step: int, loss: float) -> None:
+        """Step ``step`` (0-based) of the current job ended with ``loss``."""
+        if self.bar is not None:
+            self.bar.update()
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{loss:.3g}")
+            return
+        now = time.monotonic()
+        if self.lines and now - self.last >= self.every:
+            self.last = now
+            self._line(f"{self.desc}: step {step + 1}/{self.steps}, loss {loss:.3g}")
+
+    def end(self, steps: int, loss: float) -> None:
+        """The current job ended after ``steps`` steps with final training loss ``loss``."""
+        self.done += 1
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.total.update()
+        if self.lines:
+            elapsed = time.monotonic() - self.started
+            self._line(f"[{self.done}/{self.jobs}] {self.desc}: {steps} steps, train loss {loss:.3g}, {elapsed:.1f} s")
+
+    def close(self) -> None:
+        self.total.close()
+
+    def _line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
 
 
 # Training -------------------------------------------------------------------
@@ -183,7 +251,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(task: Task, run: Run, lr: float, seed: int, args: Namespace, device: torch.device) -> Result:
+def train(
+    task: Task, run: Run, lr: float, seed: int, args: Namespace, device: torch.device, progress: Progress
+) -> Result:
     """Train one (run, lr, seed) and measure it."""
     model, optimizer = prepare(task, run, lr, seed)
     model.train()
@@ -191,8 +261,8 @@ def train(task: Task, run: Run, lr: float, seed: int, args: Namespace, device: t
     evals: list[tuple[int, dict[str, float]]] = []
     step_s = opt_s = 0.0
     batches = task.batches(seed)
-    bar = tqdm(range(args.steps), desc=f"{run.name} lr={lr:g} seed={seed}", leave=False, disable=not args.progress)
-    for step in bar:
+    progress.start(f"{run.name} lr={lr:g} seed={seed}", args.steps)
+    for step in range(args.steps):
         batch = next(batches)
         _sync(device)
         t0 = time.perf_counter()
@@ -210,10 +280,10 @@ def train(task: Task, run: Run, lr: float, seed: int, args: Namespace, device: t
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break  # diverged: the rest would be NaN too
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+        progress.step(step, losses[-1])
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             evals.append((step + 1, task.evaluate(model, "test", seed)))
+    progress.end(len(losses), losses[-1])
     timed = max(len(losses) - 1, 1)
     test = task.evaluate(model, "test", seed)
     evals.append((len(losses), test))
@@ -257,12 +327,12 @@ def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
     results: list[Result] = []
     sweep: list[dict[str, Any]] = []
     chosen: dict[str, float] = {}
-    with tqdm(total=jobs, desc="runs", disable=not args.progress) as total:
+    progress = Progress(jobs, args.progress, args.progress_every)
+    try:
         for run in runs:
             tried = []
             for lr in run.lrs(chosen):
-                tried.append(train(task, run, lr, args.seeds[0], args, device))
-                total.update()
+                tried.append(train(task, run, lr, args.seeds[0], args, device, progress))
             best = min(tried, key=lambda r: _score(r, args.select))
             chosen[run.name] = best.lr
             for r in tried:
@@ -278,8 +348,9 @@ def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
                 )
             results.append(best)
             for seed in args.seeds[1:]:
-                results.append(train(task, run, best.lr, seed, args, device))
-                total.update()
+                results.append(train(task, run, best.lr, seed, args, device, progress))
+    finally:
+        progress.close()
     return results, sweep
 
 

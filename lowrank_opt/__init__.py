@@ -8,6 +8,9 @@ Wrap an already-built optimizer around the LoRA pairs of a model::
 See ``docs/math.md`` for the mathematics and ``docs/`` for each rule.
 """
 
+from .advice import LowRankAdviceWarning, advise
+from .factory import build
+from .hybrid import MuonWithAdamW
 from .layout import STATE_VERSION
 from .linalg import compute_dtype
 from .pairs import HasLoRAPairs, LoRALinear, LoRAPair, find_lora_pairs, inject_lora
@@ -25,12 +28,16 @@ __all__ = [
     "HasLoRAPairs",
     "LoRALinear",
     "LoRAPair",
+    "LowRankAdviceWarning",
     "LowRankWrapper",
+    "MuonWithAdamW",
     "STATE_VERSION",
     "Schedule",
     "StateKind",
     "Switches",
+    "advise",
     "available_rules",
+    "build",
     "build_view",
     "calibrate_state",
     "compute_dtype",

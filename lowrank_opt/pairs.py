@@ -8,10 +8,11 @@ meeting :class:`HasLoRAPairs`), never by matching parameter names; names are for
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -66,9 +67,9 @@ class LoRAPair:
             raise ValueError(f"{label}: scale must be a finite non-zero number, got {self.scale!r}")
         if self.base_weight is not None:
             m, n = self.full_shape
-            base_shape = tuple(self.base_weight.shape)
+            base_shape = _logical_shape(self.base_weight, label)
             lead = n if self.base_transposed else m
-            if self.base_weight.numel() != m * n or (base_shape and base_shape[0] != lead):
+            if math.prod(base_shape) != m * n or (base_shape and base_shape[0] != lead):
                 raise ValueError(f"{label}: base_weight is {base_shape} but b @ a is {self.full_shape}")
 
     @property
@@ -89,13 +90,51 @@ class LoRAPair:
         return t if t.ndim == 2 else rearrange(t, "m r ... -> m (r ...)")
 
     def base_matrix(self) -> Tensor | None:
-        """``W0`` as the ``(m, n)`` matrix (detached), read from the live tensor; ``None`` without one."""
+        """``W0`` as the ``(m, n)`` matrix (detached), read from the live tensor; ``None`` without one.
+
+        A bitsandbytes-quantized base is dequantized here, on each call, to its compute dtype (4-bit)
+        or float32 (8-bit); rules that never read ``W0`` never pay for it.
+        """
         if self.base_weight is None:
             return None
-        w = self.base_weight.detach()
+        w = _dequantized(self.base_weight).detach()
         if self.base_transposed:
             return rearrange(w, "n m -> m n")
         return rearrange(w, "m ... -> m (...)")
+
+
+def _bitsandbytes(weight: Tensor, label: str) -> Any:
+    """The bitsandbytes module, for a base weight that is not floating point (only it makes such bases)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError(
+            f"{label}: base_weight of dtype {weight.dtype} is neither floating point nor a bitsandbytes quantized weight"
+        ) from None
+    return bitsandbytes
+
+
+def _logical_shape(weight: Tensor, label: str) -> tuple[int, ...]:
+    """The shape of the weight a base holds; a 4-bit weight stores it packed, in its quant state."""
+    if not weight.is_floating_point():
+        bnb = _bitsandbytes(weight, label)
+        if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
+            return tuple(weight.quant_state.shape)
+    return tuple(weight.shape)
+
+
+def _dequantized(weight: Tensor) -> Tensor:
+    """``weight`` itself when floating point, else a floating-point copy of a bitsandbytes weight."""
+    if weight.is_floating_point():
+        return weight
+    bnb = _bitsandbytes(weight, "base_matrix")
+    with torch.no_grad():
+        if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
+            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        if isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
+            # Row-wise absmax int8: W = CB * SCB / 127.
+            return weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127)
+    raise ValueError(f"a {type(weight).__name__} base weight of dtype {weight.dtype} cannot be dequantized")
 
 
 def _describe(x: object) -> str:
@@ -167,8 +206,52 @@ def inject_lora(
     return model
 
 
-def _peft_pairs(module: nn.Module, module_name: str) -> list[LoRAPair] | None:
-    """Pairs of a peft LoRA layer, or ``None`` when ``module`` is not one."""
+def _supported_peft_layers() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """peft's LoRA layer classes this module lifts: ``(linear, embedding, conv)``.
+
+    bitsandbytes layers are looked up only once bitsandbytes is imported: a model with such
+    layers has imported it, and importing it otherwise is slow and needs CUDA.
+    """
+    from peft.tuners.lora import layer as lora_layer
+
+    linear: tuple[type, ...] = (lora_layer.Linear,)
+    if "bitsandbytes" in sys.modules:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        linear += tuple(
+            cls for cls in (getattr(lora_bnb, "Linear8bitLt", None), getattr(lora_bnb, "Linear4bit", None)) if cls
+        )
+    conv = tuple(getattr(lora_layer, name) for name in ("Conv1d", "Conv2d", "Conv3d") if hasattr(lora_layer, name))
+    return linear, (lora_layer.Embedding,), conv
+
+
+def _plain_or_dora(layer: Any, adapter: str) -> str | None:
+    """``None`` when the adapter is ``s B A`` up to DoRA's magnitude, else the name of its variant."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return None  # plain LoRA, or DoRA in peft versions before variants (flagged by use_dora)
+    from peft.tuners.lora import variants
+
+    dora = tuple(
+        getattr(variants, name)
+        for name in (
+            "DoraLinearVariant",
+            "DoraEmbeddingVariant",
+            "DoraConv1dVariant",
+            "DoraConv2dVariant",
+            "DoraConv3dVariant",
+        )
+        if hasattr(variants, name)
+    )
+    return None if isinstance(variant, dora) else type(variant).__name__
+
+
+def _peft_pairs(module: nn.Module, module_name: str) -> tuple[list[LoRAPair], list[str]] | None:
+    """``(pairs, refusals)`` of a peft LoRA layer, or ``None`` when ``module`` is not one.
+
+    A refusal names a trainable adapter this module cannot lift and says why. DoRA adapters are
+    lifted as their plain ``s B A`` part: the magnitude vector is an ordinary parameter.
+    """
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -176,46 +259,87 @@ def _peft_pairs(module: nn.Module, module_name: str) -> list[LoRAPair] | None:
     if not isinstance(module, LoraLayer):
         return None
     layer: Any = module  # peft's attributes are untyped
-    pairs = []
-    for adapter, lora_a in layer.lora_A.items():
-        lora_b = layer.lora_B[adapter]
-        a, b = lora_a.weight, lora_b.weight
+    linear, embedding, conv = _supported_peft_layers()
+    if not isinstance(module, linear + embedding + conv):
+        trainable = [name for name, sub in layer.lora_A.items() if any(p.requires_grad for p in sub.parameters())]
+        trainable += [name for name, p in layer.lora_embedding_A.items() if p.requires_grad]
+        reason = f"{type(module).__name__} layers are not supported"
+        return [], [f"{module_name} (adapter {name!r}): {reason}" for name in trainable]
+    if isinstance(module, embedding):
+        factors = {
+            name: (layer.lora_embedding_A[name], layer.lora_embedding_B[name]) for name in layer.lora_embedding_A
+        }
+    else:
+        factors = {name: (layer.lora_A[name].weight, layer.lora_B[name].weight) for name in layer.lora_A}
+    pairs: list[LoRAPair] = []
+    refusals: list[str] = []
+    for adapter, (a, b) in factors.items():
         if not (a.requires_grad or b.requires_grad):
             continue
         label = f"{module_name} (adapter {adapter!r})"
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(
-                f"{label}: only peft LoRA Linear layers are supported, got {type(module).__name__} "
-                f"with factors of shape {tuple(a.shape)} and {tuple(b.shape)}"
-            )
-        if adapter in layer.lora_magnitude_vector or layer.lora_variant.get(adapter) is not None:
-            raise ValueError(f"{label}: LoRA variants such as DoRA are not supported, only plain LoRA pairs")
-        if getattr(lora_b, "bias", None) is not None and lora_b.bias.requires_grad:
-            warnings.warn(f"{label}: the lora_B bias trains as an ordinary parameter", stacklevel=3)
-        base = layer.get_base_layer().weight
-        transposed = bool(getattr(layer, "fan_in_fan_out", False))
-        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base, label, base_transposed=transposed))
-    return pairs
+        base = layer.get_base_layer()
+        variant = _plain_or_dora(layer, adapter)
+        if variant is not None:
+            refusals.append(f"{label}: the LoRA variant {variant} is not supported")
+            continue
+        if isinstance(module, conv) and base.groups != 1:
+            refusals.append(f"{label}: a grouped convolution (groups={base.groups}) is not a product b @ a")
+            continue
+        if not isinstance(module, embedding):
+            lora_b = layer.lora_B[adapter]
+            if getattr(lora_b, "bias", None) is not None and lora_b.bias.requires_grad:
+                warnings.warn(f"{label}: the lora_B bias trains as an ordinary parameter", stacklevel=4)
+        # An embedding's delta is (B A)^T, shaped like its (num_embeddings, dim) weight; fan_in_fan_out
+        # layers (GPT-2's Conv1D) also hold W0^T.
+        transposed = isinstance(module, embedding) or bool(getattr(layer, "fan_in_fan_out", False))
+        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base.weight, label, base_transposed=transposed))
+    return pairs, refusals
 
 
-def find_lora_pairs(model_or_pairs: nn.Module | Iterable[LoRAPair]) -> list[LoRAPair]:
+def find_lora_pairs(
+    model_or_pairs: nn.Module | Iterable[LoRAPair], *, unsupported: Literal["error", "base"] = "error"
+) -> list[LoRAPair]:
     """Every trainable LoRA pair of a model, or the given pairs checked.
 
-    Recognises peft LoRA layers (every trainable adapter; scale from the layer, rsLoRA included;
-    the frozen base weight attached), :class:`LoRALinear`, and any module meeting
-    :class:`HasLoRAPairs`. Raises ``ValueError`` when none is found or a factor is in two pairs.
+    Recognises peft LoRA layers (Linear, ``fan_in_fan_out`` Linear, Embedding, Conv1d/2d/3d,
+    bitsandbytes 8-bit and 4-bit Linear; every trainable adapter; DoRA as its ``s B A`` part; the
+    scale from the layer, rsLoRA included; the frozen base weight attached),
+    :class:`LoRALinear`, and any module meeting :class:`HasLoRAPairs`.
+
+    Args:
+        model_or_pairs: a model, or :class:`LoRAPair` objects.
+        unsupported: what to do with a trainable peft adapter that is not a product ``s B A``
+            (other LoRA variants, grouped convolutions, peft layer types not listed above):
+            ``"error"`` raises ``ValueError`` naming each; ``"base"`` leaves its factors to the base
+            optimizer, as ordinary parameters, with one warning listing them.
+
+    Raises ``ValueError`` when no pair is found or a factor is in two pairs.
     """
+    if unsupported not in ("error", "base"):
+        raise ValueError(f"unsupported must be 'error' or 'base', got {unsupported!r}")
     if isinstance(model_or_pairs, nn.Module):
         found: list[LoRAPair] = []
+        refused: list[str] = []
         for name, module in model_or_pairs.named_modules():
-            peft_pairs = _peft_pairs(module, name)
-            if peft_pairs is not None:
-                found.extend(peft_pairs)
+            peft_found = _peft_pairs(module, name)
+            if peft_found is not None:
+                found.extend(peft_found[0])
+                refused.extend(peft_found[1])
             elif isinstance(module, HasLoRAPairs):
                 for pair in module.lora_pairs():
                     if pair.a.requires_grad or pair.b.requires_grad:
                         label = pair.name or name or type(module).__name__
                         found.append(replace(pair, name=label))
+        if refused and unsupported == "error":
+            raise ValueError(
+                "LoRA layers that cannot be lifted (pass unsupported='base' to train them with the base "
+                "optimizer as ordinary parameters): " + "; ".join(refused)
+            )
+        if refused:
+            warnings.warn(
+                "these LoRA factors are trained by the base optimizer as ordinary parameters: " + "; ".join(refused),
+                stacklevel=2,
+            )
         if not found:
             raise ValueError(
                 f"no trainable LoRA pair found in {type(model_or_pairs).__name__}: expected peft LoRA "

@@ -68,11 +68,17 @@ class FactorView:
 
     def rescale(self, grad: Tensor) -> Tensor:
         """Coefficient gradients ``g_hat = Gamma^-1 dL/dC / s^2`` (G, r, l); ``s F g_hat = P_F G``."""
-        return self.solve(self.canonical(grad).to(self.gram.dtype)) / self.scale.square()
+        # s^-2 folded into the (r, r) inverse: one pass over the (r, l) result instead of two.
+        return torch.bmm(self.inverse / self.scale.square(), self.canonical(grad).to(self.gram.dtype))
 
     def project(self, update: Tensor) -> Tensor:
         """``Gamma^-1 F^T U / s`` (G, r, c) for full-space update blocks ``U`` (G, k, c)."""
-        return self.solve(torch.bmm(self.basis.mT, update)) / self.scale  # (r, k) @ (k, c) -> (r, c)
+        return self.coefficients(torch.bmm(self.basis.mT, update))  # (r, k) @ (k, c) -> (r, c)
+
+    def coefficients(self, projected: Tensor) -> Tensor:
+        """``Gamma^-1 P / s`` (G, r, c) for ``P = F^T U`` that a rule accumulated block by block:
+        the coefficient change whose full-space image ``s F delta`` is ``P_F U``."""
+        return torch.bmm(self.inverse / self.scale, projected)
 
     def full_mean_squares(self, g_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Row ``(G, k)`` and column ``(G, l)`` mean squares of ``X = s F g_hat`` without forming it:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .distributed import DistributedStrategy, Materialised, default_strategy
+from .advice import advise
+from .distributed import DistributedStrategy, Materialised, Replicated, default_strategy
 from .engine import (
     Group,
     GroupStore,
@@ -75,6 +76,10 @@ class LowRankWrapper(Optimizer):
             :class:`~lowrank_opt.distributed.FSDP2` for DTensor factors, else
             :class:`~lowrank_opt.distributed.Replicated` (a single process or DDP);
             :class:`~lowrank_opt.distributed.PairSharded` gives each pair to one rank.
+        unsupported: a trainable peft adapter that is not a product ``s B A``: ``"error"`` (name it)
+            or ``"base"`` (leave its parameters to the base optimizer, with one warning).
+        advice: warn (:class:`~lowrank_opt.LowRankAdviceWarning`, once each) about settings measured
+            to work badly, such as Adafactor's default learning rate under ``loft_adafactor``.
 
     After a step that clipped, or a call of :meth:`clip_grad_norm_`, ``last_grad_norm`` holds the
     total full-space gradient norm (0-dim float64 tensor) for logging.
@@ -99,6 +104,8 @@ class LowRankWrapper(Optimizer):
         max_grad_norm: float | None = None,
         full_space_clip: bool = True,
         distributed: DistributedStrategy | None = None,
+        unsupported: Literal["error", "base"] = "error",
+        advice: bool = True,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
             raise ValueError(
@@ -108,7 +115,7 @@ class LowRankWrapper(Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if distributed is not None and not isinstance(distributed, DistributedStrategy):
             raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
-        pairs = find_lora_pairs(model_or_pairs)
+        pairs = find_lora_pairs(model_or_pairs, unsupported=unsupported)
         switches = Switches(rescale_grad, calibrate_first_moment, calibrate_second_moment, project_update)
         config = StepConfig(
             resolve_rule(rule, base_optimizer, rule_options),
@@ -134,6 +141,9 @@ class LowRankWrapper(Optimizer):
         config.rule.check(base_optimizer, list(factor_groups.values()), switches)
         self.distributed = distributed if distributed is not None else default_strategy(pairs)
         self.distributed.setup(pairs, config.rule, group_of)
+        self._model = model_or_pairs if isinstance(model_or_pairs, nn.Module) else None
+        self._unsupported = unsupported
+        advise(base_optimizer, config.rule.name, rule_options or {}, pairs, set(), enabled=advice)
         with self._materialised() as work:
             create_state(
                 work.pairs,
@@ -145,6 +155,20 @@ class LowRankWrapper(Optimizer):
                 self.distributed.owns,
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the derived store. The base optimizer travels as its class and attributes
+        without the shared state: its own ``__setstate__`` (Adam's) would expect its keys in the
+        factors' entries, which hold the rule's statistics instead."""
+        base_attributes = {k: v for k, v in self.base.__dict__.items() if k not in ("state", "param_groups")}
+        return {**self.__dict__, "_store": None, "base": (type(self.base), base_attributes)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        base_class, base_attributes = state["base"]
+        base = base_class.__new__(base_class)
+        base.__dict__.update(base_attributes)
+        super().__setstate__({**state, "base": base})
+        base.state, base.param_groups = self.state, self.param_groups
+
     @property
     def rule(self) -> CalibrationRule:
         return self.config.rule
@@ -154,10 +178,58 @@ class LowRankWrapper(Optimizer):
         return self.config.schedule
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer; LoRA factors in it are lifted like the others.
+
+        With a model, its LoRA pairs are looked for again and every new pair whose factors are
+        both in the new group joins the wrapper, its state created at once. Only the replicated
+        mode can take new pairs (the sharded ones assigned their work at construction); a pair
+        with one factor here and one elsewhere is refused.
+        """
         if "base" not in self.__dict__:  # Optimizer.__init__ registering the base's own groups
             super().add_param_group(param_group)
             return
+        params = param_group["params"]
+        fresh = self._new_pairs([params] if isinstance(params, Tensor) else list(params))
         self.base.add_param_group(param_group)
+        if not fresh:
+            return
+        try:
+            self.rule.check(self.base, [self.param_groups[-1]], self.config.switches)
+        except ValueError:
+            self.param_groups.pop()  # all or nothing: the group leaves with its refusal
+            raise
+        self.pairs = [*self.pairs, *fresh]
+        self._factors |= {f for pair in fresh for f in (pair.a, pair.b)}
+        with self._materialised() as work:  # entries that exist already are left as they are
+            create_state(
+                work.pairs,
+                Tensor.detach,
+                work.state,
+                self.rule,
+                self._working_groups(work),
+                self.config.switches,
+                self.distributed.owns,
+            )
+
+    def _new_pairs(self, added: list[Tensor]) -> list[LoRAPair]:
+        """The model's LoRA pairs whose factors are both among ``added`` and not lifted yet."""
+        if self._model is None:
+            return []
+        ids = {id(p) for p in added}
+        fresh = []
+        for pair in find_lora_pairs(self._model, unsupported=self._unsupported):
+            inside = (id(pair.a) in ids, id(pair.b) in ids)
+            if pair.a in self._factors or not any(inside):
+                continue
+            if not all(inside):
+                raise ValueError(f"{pair.name}: add both LoRA factors of a pair in the same param group")
+            fresh.append(pair)
+        if fresh and type(self.distributed) is not Replicated:
+            raise ValueError(
+                f"{self.distributed!r} assigned its work when the wrapper was built; new LoRA pairs "
+                f"({', '.join(p.name for p in fresh)}) need a new wrapper"
+            )
+        return fresh
 
     def __repr__(self) -> str:
         return f"LowRankWrapper({type(self.base).__name__}, rule={self.rule!r}, pairs={len(self.pairs)}, schedule={self.schedule})"

@@ -164,7 +164,7 @@ class LoFTAdafactor(CalibrationRule):
             u.mul_(f @ g[..., part]).mul_(s)  # U = X / sqrt(V_hat), X = s F g: (k, r) @ (r, c)
             sq_norm += u.square().sum((-2, -1))
             out[..., part] = ft @ u  # (r, k) @ (k, c) -> (r, c)
-        return view.solve(out) / s, sq_norm
+        return view.coefficients(out), sq_norm
 
 
 def _separable_update(g: Tensor, view: FactorView, rows: Tensor, cols: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:

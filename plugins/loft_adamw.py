@@ -111,7 +111,7 @@ def projected_direction(
         denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
         u = first.mul_(s).div_(denom)
         out[..., cols] = torch.bmm(ft, u)  # (r, k) @ (k, c) -> (r, c)
-    return view.solve(out) / s
+    return view.coefficients(out)
 
 
 class ExactSecondMoment:

@@ -124,6 +124,12 @@ class LoFTMuon(CalibrationRule):
         return f"LoFTMuon(ns_dtype={self.ns_dtype!r})"
 
     def check_group(self, group: Mapping[str, Any]) -> None:
+        missing = [key for key in ("momentum", "nesterov", "ns_coefficients", "ns_steps", "eps") if key not in group]
+        if missing or not group.get("use_muon", True):
+            raise ValueError(
+                f"loft_muon: a param group holding LoRA factors is not a Muon group (missing {missing or 'use_muon'}); "
+                "put the factors in torch.optim.Muon's groups (MuonWithAdamW: use_muon=True)"
+            )
         if group.get("adjust_lr_fn") not in _ADJUST_LR:
             raise ValueError(f"loft_muon: adjust_lr_fn must be one of {_ADJUST_LR}, got {group.get('adjust_lr_fn')!r}")
         steps = group["ns_steps"]

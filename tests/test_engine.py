@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import full_weight, make_pair, quadratic_loss
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lowrank_opt as lo
 
@@ -120,7 +121,7 @@ def test_torch_optimizer_hooks_fire_once():
     opt = _wrapper("loft_adamw", pairs, False)
     calls: list[str] = []
     handles = [
-        torch.optim.optimizer.register_optimizer_step_pre_hook(lambda o, a, k: calls.append(f"global {type(o).__name__}")),
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(f"global {type(o).__name__}")),
         opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
         opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load pre")),
         opt.register_load_state_dict_post_hook(lambda o: calls.append("load post")),

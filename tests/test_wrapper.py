@@ -243,3 +243,34 @@ def test_a_pair_with_one_gradient_missing_is_refused():
     pair.a.grad = torch.ones_like(pair.a)
     with pytest.raises(ValueError, match="factor b has no gradient while its partner has one"):
         opt.step()
+
+
+def test_a_new_adapter_added_through_add_param_group_is_lifted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    lo.inject_lora(model, rank=2, target=lambda name, module: name == "0")
+    first = [p for p in model.parameters() if p.requires_grad]
+    opt = lo.LowRankWrapper(torch.optim.AdamW(first, lr=1e-2), model)
+    assert len(opt.pairs) == 1
+    model[2] = lo.LoRALinear(model[2], rank=2)  # a second adapter, trained from here on
+    opt.add_param_group({"params": [model[2].lora_a, model[2].lora_b], "lr": 5e-3})
+    assert len(opt.pairs) == 2 and opt.pairs[1].a is model[2].lora_a
+    assert "exp_avg" in opt.state[model[2].lora_a] and "lowrank_step" in opt.state[model[2].lora_b]
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert int(opt.state[model[2].lora_a]["lowrank_step"]) == 4
+    assert model[2].lora_b.abs().sum() > 0  # b moved first, from zero, as for the first pair
+
+
+def test_half_a_pair_in_a_new_group_is_refused_and_nothing_is_added():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    lo.inject_lora(model, rank=2, target=lambda name, module: name == "0")
+    opt = lo.LowRankWrapper(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model)
+    model[2] = lo.LoRALinear(model[2], rank=2)
+    with pytest.raises(ValueError, match="add both LoRA factors of a pair in the same param group"):
+        opt.add_param_group({"params": [model[2].lora_a]})
+    assert len(opt.param_groups) == 1 and len(opt.pairs) == 1

@@ -60,4 +60,4 @@ class LoFTSignum(CalibrationRule):
             cols = slice(start, start + block)
             u = (f @ momentum[..., cols]).mul_(s).sign_()  # U = sign(s F M): (k, r) @ (r, c) -> (k, c)
             projected[..., cols] = f.transpose(-2, -1) @ u  # (r, k) @ (k, c) -> (r, c)
-        return ctx.hyper("lr") * view.solve(projected) / s  # the engine applies decay and the move
+        return ctx.hyper("lr") * view.coefficients(projected)  # Gamma^-1 F^T U / s; the engine decays and moves
