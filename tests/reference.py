@@ -1,4 +1,4 @@
-"""A plain, slow LoFT-AdamW written straight from MATH.md section 6, for checking the fast path.
+"""A plain, slow LoFT-AdamW written straight from docs/math.md section 6, for checking the fast path.
 
 It forms every full-space matrix, keeps each ``Q_j`` as a dense ``r x r`` block, and solves
 with ``torch.linalg.solve``; nothing here is shared with the library.

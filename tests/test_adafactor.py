@@ -24,7 +24,7 @@ import lowrank_opt as lo
 
 
 class ReferenceLoFTAdafactor:
-    """MATH.md section 7 written with dense matrices: ``X = s F g_hat`` (= ``P_F G``) and ``U`` are
+    """docs/math.md section 7 written with dense matrices: ``X = s F g_hat`` (= ``P_F G``) and ``U`` are
     formed in full space, ``RMS(W)`` from ``W`` itself, solves with ``torch.linalg.solve``."""
 
     def __init__(
