@@ -208,29 +208,42 @@ class GroupStore:
         self._used = set()
 
 
+def finite_flags(grads: Sequence[Tensor]) -> Tensor:
+    """Whether each gradient is finite everywhere, as one bool tensor ``(len(grads),)``.
+
+    A norm is finite exactly when every entry is: one foreach kernel for all plain tensors; tensor
+    subclasses (a strategy's shards) are checked one by one."""
+    if not grads:
+        return torch.ones(0, dtype=torch.bool)
+    plain = [i for i, g in enumerate(grads) if type(g) is Tensor or isinstance(g, torch.nn.Parameter)]
+    device = grads[0].device
+    flags = torch.ones(len(grads), dtype=torch.bool, device=device)
+    if plain:
+        norms = torch._foreach_norm([grads[i] for i in plain])
+        flags[plain] = torch.isfinite(torch.stack([n.to(device) for n in norms]))
+    for i, g in enumerate(grads):
+        if i not in plain:
+            flags[i] = torch.isfinite(g).all().to(device)
+    return flags
+
+
 def check_inputs(
     groups: Sequence[Group],
-    factor_grads: Sequence[Tensor],
-    other_flags: Sequence[Tensor],
+    grad_flags: Tensor,
     describe: Callable[[int], str],
     store: GroupStore,
     rule: CalibrationRule,
 ) -> None:
     """One host sync: every gradient finite, and the factors as this optimizer left them.
 
-    ``factor_grads`` are the LoRA factors' gradients and ``other_flags`` whether each other
-    gradient is finite (0-dim bool); ``describe(i)`` names the ``i``-th gradient of the two lists
-    in turn. A non-finite gradient raises before any state changes. A factor changed outside the
-    optimizer (loaded, merged, edited) leaves its partner's statistics in a stale basis; they
-    cannot be re-based without the old factor, so they are reset with a warning.
+    ``grad_flags`` (bool, one per gradient of the step) say which gradients are finite;
+    ``describe(i)`` names the ``i``-th. A non-finite gradient raises before any state changes. A
+    factor changed outside the optimizer (loaded, merged, edited) leaves its partner's statistics
+    in a stale basis; they cannot be re-based without the old factor, so they are reset with a
+    warning.
     """
-    flags: list[Tensor] = []
-    if factor_grads:
-        # A norm is finite exactly when every entry is: one foreach kernel for all the factors.
-        norms = torch._foreach_norm(list(factor_grads))
-        flags.append(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])))
-    flags += [f.reshape(1) for f in other_flags]
-    grads_checked = len(factor_grads) + len(other_flags)
+    flags: list[Tensor] = [grad_flags]
+    grads_checked = grad_flags.numel()
     for group in groups:
         for side in SIDES:
             view = group.views[side]
@@ -238,8 +251,6 @@ def check_inputs(
             info = torch.finfo(view.gram.dtype)
             drift = (view.gram - stored).flatten(1).norm(dim=1)
             flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
-    if not flags:
-        return
     host = torch.cat([f.to(flags[0].device, torch.bool) for f in flags]).cpu().tolist()
     for i, ok in enumerate(host[:grads_checked]):
         if not ok:

@@ -320,7 +320,8 @@ class LowRankWrapper(Optimizer):
             factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
             # Rows of the stored statistics are reused across steps; gathered copies (FSDP2) are not kept.
             store = GroupStore(work.state) if work.originals else self._store_for(work.state)
-            check_inputs(groups, factor_grads, self.distributed.finite_flags(others), self._describe, store, self.rule)
+            grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
+            check_inputs(groups, grad_flags, self._describe, store, self.rule)
             if self.max_grad_norm is not None:
                 coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
                 scale_([g for group in groups for g in group.g_hat.values()] + others, coef)

@@ -100,9 +100,10 @@ class FSDP2(DistributedStrategy):
                     for key, value in work_state[shadow].items()
                 }
 
-    def finite_flags(self, grads: Sequence[Tensor]) -> list[Tensor]:
+    def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         flags = [torch.isfinite(_local(g)).all() for g in grads]
-        return self._agree(flags, grads, dist.ReduceOp.MIN, torch.int32)
+        agreed = self._agree(flags, grads, dist.ReduceOp.MIN, torch.int32)
+        return torch.stack(agreed) if agreed else torch.ones(0, dtype=torch.bool)
 
     def squared_norm(self, grads: Sequence[Tensor]) -> Tensor:
         squares = self._agree(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine import finite_flags
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
 
@@ -72,10 +73,10 @@ class DistributedStrategy:
         ``with_bases``: the rule reads the frozen base weights, so they must be whole too."""
         yield Materialised(list(pairs), state)
 
-    def finite_flags(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        """Whether each gradient of a parameter that is not a LoRA factor is finite everywhere
-        (0-dim bool tensors), the same answer on every rank."""
-        return [torch.isfinite(g).all() for g in grads]
+    def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
+        """Whether each gradient of the step (the factors' of the stepping pairs, then the other
+        parameters') is finite everywhere: one bool tensor ``(len(grads),)``, the same on every rank."""
+        return finite_flags(grads)
 
     def reduce_pair_squares(self, local: Tensor) -> Tensor:
         """The sum of the squared full-space norms of this rank's pairs (0-dim float64) -> of all pairs."""
