@@ -338,12 +338,34 @@ def _record_move(group: Group, side: Side, old: Tensor, new: Tensor | None = Non
     return gram_new, transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
+def _rebuilt_view(group: Group, side: Side, config: StepConfig) -> None:
+    """Factor ``side``'s view and ``g_hat`` over its partner as it is now (after the partner moved)."""
+    a = torch.stack([pair.matrix_a(pair.a) for pair in group.pairs])
+    b = torch.stack([pair.matrix_b(pair.b) for pair in group.pairs])
+    cd = group.views[side].coeff.dtype
+    view = build_view(side, group.pairs, a.to(cd), b.to(cd), group.views[side].scale)
+    grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(group.pairs, group.grads(side))])
+    group.views[side] = view
+    group.g_hat[side] = view.rescale(grad) if config.switches.rescale_grad else view.canonical(grad).to(cd)
+
+
 def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
     """Observe both factors, move the active ones, calibrate their partners (all in place)."""
     rule = config.rule
     keys = list(rule.state_kinds())
     ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
     stats = {side: store.statistics(group.params(side), keys) for side in SIDES}
+    if config.schedule.mode == "sequential":
+        for side in group.active:  # a, then b over the moved a
+            if side != group.active[0]:
+                _rebuilt_view(group, side, config)
+            rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
+            delta = rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side])
+            gram_new, t = _move(group, side, delta)
+            store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
+            partner = other_side(side)
+            rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
+        return
     for side in SIDES:
         rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
     deltas = {side: rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side]) for side in group.active}

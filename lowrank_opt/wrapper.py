@@ -65,7 +65,8 @@ class LowRankWrapper(Optimizer):
             :class:`~lowrank_opt.CalibrationRule` class or instance.
         rule_options: keyword arguments for the rule's constructor.
         schedule: ``"alternate"`` (``b`` first, then ``a``, switching every ``alternate_every``
-            steps) or ``"both"`` (both factors every step).
+            steps), ``"both"`` (both factors every step, from the same gradient) or
+            ``"sequential"`` (both every step, ``a`` then ``b`` over the moved ``a``).
         rescale_grad: use ``g_hat`` rather than the raw factor gradient.
         calibrate_first_moment: re-base linear statistics (first moments) when the basis moves.
         calibrate_second_moment: re-base second moments when the basis moves.
@@ -95,7 +96,7 @@ class LowRankWrapper(Optimizer):
         rule: CalibrationRule | str | type[CalibrationRule] | None = None,
         *,
         rule_options: dict[str, Any] | None = None,
-        schedule: Literal["alternate", "both"] = "alternate",
+        schedule: Literal["alternate", "both", "sequential"] = "alternate",
         alternate_every: int = 1,
         rescale_grad: bool = True,
         calibrate_first_moment: bool = True,
@@ -123,6 +124,11 @@ class LowRankWrapper(Optimizer):
             switches,
             full_space_clip,
         )
+        if config.rule.uses_base_step and schedule == "sequential":
+            raise ValueError(
+                f"schedule='sequential' needs a rule with its own update; {config.rule.name!r} lets the base "
+                "optimizer move both factors in one step()"
+            )
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         # One set of param groups and one state, shared with the base optimizer.
         self.base, self.param_groups, self.state = base_optimizer, base_optimizer.param_groups, base_optimizer.state

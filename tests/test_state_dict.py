@@ -52,6 +52,7 @@ def _load(data: bytes):
         {"rule_options": {"second_moment": "diagonal"}},
         {"alternate_every": 3},
         {"schedule": "both"},
+        {"schedule": "sequential"},
     ],
 )
 def test_resume_is_bit_identical(options):

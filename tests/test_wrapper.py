@@ -76,6 +76,7 @@ def _trajectory(**options) -> torch.Tensor:
     "switch",
     [
         {"schedule": "both"},
+        {"schedule": "sequential"},
         {"alternate_every": 3},
         {"rescale_grad": False},
         {"calibrate_first_moment": False},
@@ -210,7 +211,7 @@ def _errors():
         ),
         (
             lambda: lo.LowRankWrapper(adam(), [pair], schedule="random"),
-            "schedule must be 'alternate' or 'both', got 'random'",
+            "schedule must be 'alternate', 'both' or 'sequential', got 'random'",
         ),
         (
             lambda: lo.LowRankWrapper(adam(), [pair], alternate_every=0),
@@ -274,3 +275,32 @@ def test_half_a_pair_in_a_new_group_is_refused_and_nothing_is_added():
     with pytest.raises(ValueError, match="add both LoRA factors of a pair in the same param group"):
         opt.add_param_group({"params": [model[2].lora_a]})
     assert len(opt.param_groups) == 1 and len(opt.pairs) == 1
+
+
+def _sequential_run(schedule: str, a_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = make_pair(9, 7, 3, scale=1.5, seed=21)
+    loss = quadratic_loss(torch.randn(9, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(22)))
+    base = torch.optim.AdamW([{"params": [pair.a], "lr": a_lr}, {"params": [pair.b]}], lr=1e-2)
+    opt = lo.LowRankWrapper(base, [pair], schedule=schedule)
+    for _ in range(5):
+        opt.zero_grad()
+        loss(full_weight(pair)).backward()
+        opt.step()
+    return pair.a.detach().clone(), pair.b.detach().clone()
+
+
+def test_sequential_moves_b_over_the_moved_a():
+    """With ``a`` frozen (lr 0) its move is zero, ``T = I`` and the rebuilt view is the old one:
+    ``sequential`` is ``both``. With ``a`` moving, ``b``'s gradient is re-expressed over the new
+    ``a`` and the two schedules part."""
+    for a, b in zip(_sequential_run("sequential", 0.0), _sequential_run("both", 0.0)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+    sequential, both = _sequential_run("sequential", 1e-2), _sequential_run("both", 1e-2)
+    assert all(torch.isfinite(t).all() for t in sequential)
+    assert (sequential[1] - both[1]).norm() > 1e-6 * both[1].norm()
+
+
+def test_sequential_is_refused_for_a_rule_without_its_own_update():
+    pair = make_pair(4, 4, 2)
+    with pytest.raises(ValueError, match="schedule='sequential' needs a rule with its own update; 'generic'"):
+        lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=0.1, momentum=0.9), [pair], schedule="sequential")
