@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .layout import BASIS_GRAM_KEY, STEP_KEY, basis_gram, factor_matrix, hidden_wrapper_keys
-from .linalg import compute_dtype, transport
+from .linalg import compute_dtype, needs_pseudo_inverse, pseudo_inverse, transport
 from .pairs import LoRAPair
 from .rule import CalibrationRule, Context, StateKind, Switches
 from .schedule import Schedule
@@ -65,6 +65,7 @@ class StepConfig:
     schedule: Schedule
     switches: Switches
     full_space_clip: bool
+    balance: bool = True
 
 
 def label(pair: LoRAPair, index: int) -> str:
@@ -86,6 +87,8 @@ class Group:
     param_groups: dict[Side, Mapping[str, Any]]
     views: dict[Side, FactorView]
     g_hat: dict[Side, Tensor] = field(default_factory=dict)
+    # Per side, (G,) flags: a Gram that may leave a direction unresolved (decided at the host sync).
+    deficient: dict[Side, Tensor] = field(default_factory=dict)
 
     def params(self, side: Side) -> list[Tensor]:
         return [_factor(pair, side) for pair in self.pairs]
@@ -159,14 +162,25 @@ def form_groups(
             views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
         )
         for side in SIDES:
-            view = group.views[side]
-            grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(chosen, group.grads(side))])
-            if config.switches.rescale_grad:
-                group.g_hat[side] = view.rescale(grad)
-            else:
-                group.g_hat[side] = view.canonical(grad).to(cd)
+            _lift_gradients(group, side, config)
+            group.deficient[side] = needs_pseudo_inverse(group.views[side].gram, group.views[side].inverse)
         groups.append(group)
     return groups
+
+
+def _lift_gradients(group: Group, side: Side, config: StepConfig) -> None:
+    """``g_hat`` of factor ``side`` of every member, from its gradient and current view."""
+    view = group.views[side]
+    grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(group.pairs, group.grads(side))])
+    group.g_hat[side] = view.rescale(grad) if config.switches.rescale_grad else view.canonical(grad).to(view.gram.dtype)
+
+
+def _resolve_rank(group: Group, side: Side, config: StepConfig) -> None:
+    """Give factor ``side`` the minimum-norm inverse of its Grams (some member's basis may be
+    numerically rank-deficient) and lift its gradients again."""
+    view = group.views[side]
+    group.views[side] = replace(view, inverse=pseudo_inverse(view.gram))
+    _lift_gradients(group, side, config)
 
 
 class GroupStore:
@@ -232,15 +246,17 @@ def check_inputs(
     grad_flags: Tensor,
     describe: Callable[[int], str],
     store: GroupStore,
-    rule: CalibrationRule,
+    config: StepConfig,
 ) -> None:
-    """One host sync: every gradient finite, and the factors as this optimizer left them.
+    """One host sync: every gradient finite, the factors as this optimizer left them, and which
+    bases need the minimum-norm inverse.
 
     ``grad_flags`` (bool, one per gradient of the step) say which gradients are finite;
     ``describe(i)`` names the ``i``-th. A non-finite gradient raises before any state changes. A
     factor changed outside the optimizer (loaded, merged, edited) leaves its partner's statistics
     in a stale basis; they cannot be re-based without the old factor, so they are reset with a
-    warning.
+    warning. A side whose Grams may be numerically rank-deficient gets the pseudo-inverse
+    (docs/math.md section 11); every other keeps the cheaper inverse from the damped Cholesky factor.
     """
     flags: list[Tensor] = [grad_flags]
     grads_checked = grad_flags.numel()
@@ -251,17 +267,21 @@ def check_inputs(
             info = torch.finfo(view.gram.dtype)
             drift = (view.gram - stored).flatten(1).norm(dim=1)
             flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
+            flags.append(~group.deficient[side])
     host = torch.cat([f.to(flags[0].device, torch.bool) for f in flags]).cpu().tolist()
     for i, ok in enumerate(host[:grads_checked]):
         if not ok:
             raise ValueError(f"non-finite gradient in {describe(i)}; no state was changed")
     position = grads_checked
     for group in groups:
+        size = len(group.pairs)
         for side in SIDES:
-            for member in range(len(group.pairs)):
+            for member in range(size):
                 if not host[position + member]:
-                    _reset_after_outside_change(group, member, side, store.state, rule)
-            position += len(group.pairs)
+                    _reset_after_outside_change(group, member, side, store.state, config.rule)
+            if not all(host[position + size : position + 2 * size]):
+                _resolve_rank(group, side, config)
+            position += 2 * size
 
 
 def _reset_after_outside_change(group: Group, member: int, side: Side, state: State, rule: CalibrationRule) -> None:
@@ -338,15 +358,44 @@ def _record_move(group: Group, side: Side, old: Tensor, new: Tensor | None = Non
     return gram_new, transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
+def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Tensor]], config: StepConfig) -> None:
+    """Re-balance every member as ``(c B, A / c)``: ``s B A`` is unchanged (docs/math.md section 11).
+
+    ``c = 2^round(log2(||A|| / ||B||) / 2)`` brings ``||A|| / ||B||`` within a factor 2 of 1, so
+    neither factor drifts large while the other shrinks. A power of two scales exactly in binary
+    floating point, and every rule's update is invariant under ``A -> A / c, B -> c B`` with its
+    statistics re-based by ``T = c I`` (:meth:`~lowrank_opt.CalibrationRule.rescale`): balancing
+    changes no rounding of ``s B A``. A member with a zero factor keeps ``c = 1``.
+    """
+    a = torch.stack([pair.matrix_a(pair.a) for pair in group.pairs])
+    b = torch.stack([pair.matrix_b(pair.b) for pair in group.pairs])
+    norm_a, norm_b = (x.flatten(1).norm(dim=1).double() for x in (a, b))
+    log_ratio = torch.log2(norm_a / norm_b).mul_(0.5).round_()
+    c = torch.where((norm_a > 0) & (norm_b > 0), torch.exp2(log_ratio), torch.ones_like(log_ratio))
+    factor: dict[Side, Tensor] = {"a": 1 / c, "b": c}
+    for side, values in zip(SIDES, (a, b)):
+        f = factor[side].to(values.dtype)[:, None, None]
+        params = group.params(side)
+        torch._foreach_copy_(
+            [factor_matrix(pair, side, p) for pair, p in zip(group.pairs, params)], list((values * f).unbind(0))
+        )
+        gram = store.stacked(params, BASIS_GRAM_KEY)
+        gram.mul_(factor[side].to(gram.dtype)[:, None, None].square())
+        ctx = Context.of(group.param_groups[side], group.steps, config.switches)
+        config.rule.rescale(stats[side], factor[side], ctx)
+
+
 def _rebuilt_view(group: Group, side: Side, config: StepConfig) -> None:
-    """Factor ``side``'s view and ``g_hat`` over its partner as it is now (after the partner moved)."""
+    """Factor ``side``'s view and ``g_hat`` over its partner as it is now (after the partner moved).
+
+    Mid-step there is no host sync to tell whether the moved basis is resolved, so the
+    minimum-norm inverse is used throughout."""
     a = torch.stack([pair.matrix_a(pair.a) for pair in group.pairs])
     b = torch.stack([pair.matrix_b(pair.b) for pair in group.pairs])
     cd = group.views[side].coeff.dtype
     view = build_view(side, group.pairs, a.to(cd), b.to(cd), group.views[side].scale)
-    grad = torch.stack([factor_matrix(pair, side, g) for pair, g in zip(group.pairs, group.grads(side))])
-    group.views[side] = view
-    group.g_hat[side] = view.rescale(grad) if config.switches.rescale_grad else view.canonical(grad).to(cd)
+    group.views[side] = replace(view, inverse=pseudo_inverse(view.gram))
+    _lift_gradients(group, side, config)
 
 
 def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
@@ -365,6 +414,8 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
             store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
             partner = other_side(side)
             rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
+        if config.balance:
+            _balance(group, store, stats, config)
         return
     for side in SIDES:
         rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
@@ -374,6 +425,8 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
         store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
         partner = other_side(side)
         rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
+    if config.balance:
+        _balance(group, store, stats, config)
 
 
 @contextmanager
@@ -407,6 +460,13 @@ def _base_step(base: Optimizer) -> None:
     (the wrapper's ``step()`` fired them already)."""
     step = type(base).step
     getattr(step, "__wrapped__", step)(base)
+
+
+def _base_statistics(store: GroupStore, params: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Every tensor the base optimizer keeps for ``params`` (the wrapper's own keys aside), stacked."""
+    entry = store.state[params[0]]
+    keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in (STEP_KEY, BASIS_GRAM_KEY)]
+    return store.statistics(params, keys)
 
 
 def step_delegated(
@@ -454,9 +514,9 @@ def step_delegated(
             store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
             partner = other_side(side)
             partner_params = group.params(partner)
-            entry = state[partner_params[0]]
-            keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in (STEP_KEY, BASIS_GRAM_KEY)]
-            config.rule.calibrate(store.statistics(partner_params, keys), t, group.views[partner], ctx[partner])
+            config.rule.calibrate(_base_statistics(store, partner_params), t, group.views[partner], ctx[partner])
+        if config.balance:
+            _balance(group, store, {side: _base_statistics(store, group.params(side)) for side in SIDES}, config)
 
 
 def run_step(

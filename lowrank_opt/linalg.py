@@ -25,6 +25,11 @@ __all__ = [
     "gram",
     "damped_cholesky",
     "damped_inverse",
+    "RANK_TOLERANCE",
+    "numerical_rank_mask",
+    "gram_eig",
+    "pseudo_inverse",
+    "needs_pseudo_inverse",
     "transport",
     "triu_indices",
     "pack_outer",
@@ -74,9 +79,60 @@ def damped_inverse(gram: Tensor) -> Tensor:
     return torch.cholesky_inverse(damped_cholesky(gram))
 
 
+# Eigenvalues of a Gram below RANK_TOLERANCE * r * mu_max are treated as zero, in every dtype, so a
+# float64 run keeps the directions a float32 run keeps and the two follow each other. 1e-8 sits
+# between two measured limits (docs/math.md section 11): float32 and float64 runs from B = 0 with
+# rank-1 gradients part (20%) once it is 1e-9 or less, and float64 full-rank equivalence with the
+# dense optimizers, whose trajectories reach cond(Gamma) ~ 1e7, breaks once it is 1e-7 or more.
+RANK_TOLERANCE = 1e-8
+
+
+def numerical_rank_mask(evals: Tensor) -> Tensor:
+    """The eigen-directions a Gram resolves: ``mu_i > r RANK_TOLERANCE mu_max`` (and above ``sqrt(tiny)``).
+
+    ``evals`` (..., r) ascending, as :func:`torch.linalg.eigh` returns them."""
+    tol = evals.shape[-1] * RANK_TOLERANCE * evals[..., -1:].clamp(min=0)
+    return evals > tol.clamp(min=torch.finfo(evals.dtype).tiny ** 0.5)
+
+
+def gram_eig(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``Gamma = V diag(mu) V^T``: eigenvalues (..., r) clamped at zero, eigenvectors (..., r, r) and
+    the mask of :func:`numerical_rank_mask`."""
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.clamp(min=0), evecs, numerical_rank_mask(evals)
+
+
+def pseudo_inverse(gram: Tensor) -> Tensor:
+    """The minimum-norm inverse ``V diag(1 / mu) V^T`` (..., r, r) over the resolved directions only.
+
+    Applied to ``F^T X`` it gives the least-norm coefficients, with no component in the basis'
+    numerical null space: nothing that changes nothing in ``W`` yet would blow up the next step's
+    basis. On a full-rank, well-conditioned Gram it is the exact inverse (docs/math.md section 11).
+    """
+    evals, evecs, keep = gram_eig(gram)
+    inv = keep / torch.where(keep, evals, torch.ones_like(evals))  # 1 / mu where resolved, else 0
+    return (evecs * inv[..., None, :]) @ evecs.mT
+
+
+def needs_pseudo_inverse(gram: Tensor, inverse: Tensor) -> Tensor:
+    """Whether a Gram may have an unresolved direction (bool, one per matrix), from its inverse.
+
+    ``trace(Gamma) trace(Gamma^-1)`` is at least ``cond(Gamma)`` (and at most ``r^2`` times it), so
+    ``False`` proves every eigenvalue exceeds ``r RANK_TOLERANCE mu_max``: the damped inverse is then the
+    inverse, and the pseudo-inverse is needed only where this says ``True``. A zero Gram gives
+    ``False``: its damped inverse already maps everything to zero.
+    """
+    r = gram.shape[-1]
+    bound = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) * torch.diagonal(inverse, dim1=-2, dim2=-1).sum(-1)
+    return bound >= 1.0 / (r * RANK_TOLERANCE)
+
+
 def transport(gram_new: Tensor, cross: Tensor) -> Tensor:
-    """Calibration map ``T = Gamma_new^-1 F_new^T F_old`` (..., r, r) from ``cross = F_new^T F_old``."""
-    return damped_inverse(gram_new) @ cross
+    """Calibration map ``T = Gamma_new^+ F_new^T F_old`` (..., r, r) from ``cross = F_new^T F_old``.
+
+    The minimum-norm inverse: statistics re-based onto a rank-deficient basis get no component in
+    its null space."""
+    return pseudo_inverse(gram_new) @ cross
 
 
 def triu_indices(r: int, device: torch.device | str | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from .linalg import congruence_packed_, triu_indices
 from .views import FactorView
 
-__all__ = ["StateKind", "Switches", "Context", "CalibrationRule", "calibrate_state"]
+__all__ = ["StateKind", "Switches", "Context", "CalibrationRule", "calibrate_state", "rescale_state"]
 
 # Elements of the unpacked (G, c, r, r) transient while packed blocks are calibrated.
 _CALIBRATION_ELEMENTS = 1 << 20
@@ -114,6 +114,26 @@ def calibrate_state(
             value.zero_()
 
 
+def rescale_state(state: Mapping[str, Tensor], kinds: Mapping[str, StateKind], factor: Tensor) -> None:
+    """Statistics of one factor of a group whose coefficients were multiplied by ``factor`` (G,).
+
+    The change of basis ``T = factor I``: linear statistics scale by ``factor``, quadratic and
+    block ones by ``factor^2`` (exactly: a scalar ``T`` is where the diagonal re-basing is exact),
+    full-space ones not at all, and reset ones are zeroed where ``factor != 1``.
+    """
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if value is None or kind is StateKind.FULL_SPACE:
+            continue
+        f = factor.to(value.dtype).reshape(-1, *([1] * (value.ndim - 1)))
+        if kind is StateKind.LINEAR:
+            value.mul_(f)
+        elif kind in (StateKind.QUADRATIC, StateKind.BLOCK):
+            value.mul_(f * f)
+        else:
+            value.mul_((f == 1).to(value.dtype))
+
+
 class CalibrationRule:
     """Base class of every rule. Subclasses set ``name`` and ``serves`` and implement the methods.
 
@@ -173,6 +193,10 @@ class CalibrationRule:
     def calibrate(self, state: dict[str, Tensor], t: Tensor, view: FactorView, ctx: Context) -> None:
         """Called on a factor's statistics after its basis (the partner) moved; ``t`` is ``T`` (G, r, r)."""
         calibrate_state(state, self.state_kinds(), t, view, ctx.switches)
+
+    def rescale(self, state: dict[str, Tensor], factor: Tensor, ctx: Context) -> None:
+        """Called on a factor's statistics after its coefficients were multiplied by ``factor`` (G,)."""
+        rescale_state(state, self.state_kinds(), factor)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -36,6 +36,7 @@ from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
 from .schedule import Schedule
+from .views import SIDES
 
 __all__ = ["LowRankWrapper", "STATE_VERSION"]
 
@@ -81,6 +82,9 @@ class LowRankWrapper(Optimizer):
             or ``"base"`` (leave its parameters to the base optimizer, with one warning).
         advice: warn (:class:`~lowrank_opt.LowRankAdviceWarning`, once each) about settings measured
             to work badly, such as Adafactor's default learning rate under ``loft_adafactor``.
+        balance: after every step, rescale each pair to ``(c B, A / c)`` with ``c`` a power of two
+            that keeps ``||A|| / ||B||`` within a factor 2 of 1: ``s B A`` and its trajectory are
+            unchanged, and neither factor drifts large while the other shrinks.
 
     After a step that clipped, or a call of :meth:`clip_grad_norm_`, ``last_grad_norm`` holds the
     total full-space gradient norm (0-dim float64 tensor) for logging.
@@ -107,6 +111,7 @@ class LowRankWrapper(Optimizer):
         distributed: DistributedStrategy | None = None,
         unsupported: Literal["error", "base"] = "error",
         advice: bool = True,
+        balance: bool = True,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
             raise ValueError(
@@ -123,6 +128,7 @@ class LowRankWrapper(Optimizer):
             Schedule(schedule, alternate_every),
             switches,
             full_space_clip,
+            balance,
         )
         if config.rule.uses_base_step and schedule == "sequential":
             raise ValueError(
@@ -327,7 +333,7 @@ class LowRankWrapper(Optimizer):
             # Rows of the stored statistics are reused across steps; gathered copies (FSDP2) are not kept.
             store = GroupStore(work.state) if work.originals else self._store_for(work.state)
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
-            check_inputs(groups, grad_flags, self._describe, store, self.rule)
+            check_inputs(groups, grad_flags, self._describe, store, self.config)
             if self.max_grad_norm is not None:
                 coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
                 scale_([g for group in groups for g in group.g_hat.values()] + others, coef)
@@ -347,7 +353,12 @@ class LowRankWrapper(Optimizer):
     def _advance(self, work: Materialised, done: dict[int, int]) -> None:
         """Count the step on every stepping pair and give every rank the factors that moved."""
         stepping = list(done)
-        moved = [(i, side) for i, steps in done.items() for side in self.schedule.active(steps)]
+        # Balancing rescales both factors of every stepped pair, so both travel.
+        moved = [
+            (i, side)
+            for i, steps in done.items()
+            for side in (SIDES if self.config.balance else self.schedule.active(steps))
+        ]
         if stepping:
             counters = [work.state[f][STEP_KEY] for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
             torch._foreach_add_(counters, 1)

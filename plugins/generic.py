@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lowrank_opt.rule import CalibrationRule, Context, StateKind, Switches, calibrate_state
+from lowrank_opt.rule import CalibrationRule, Context, StateKind, Switches, calibrate_state, rescale_state
 from lowrank_opt.views import FactorView
 
 __all__ = ["GenericRule", "declare", "declared_kinds"]
@@ -123,6 +123,14 @@ class GenericRule(CalibrationRule):
         return self._kinds
 
     def calibrate(self, state: dict[str, torch.Tensor], t: torch.Tensor, view: FactorView, ctx: Context) -> None:
+        self._check_declared(state)
+        calibrate_state(state, self._kinds, t, view, ctx.switches)
+
+    def rescale(self, state: dict[str, torch.Tensor], factor: torch.Tensor, ctx: Context) -> None:
+        self._check_declared(state)
+        rescale_state(state, self._kinds, factor)
+
+    def _check_declared(self, state: Mapping[str, torch.Tensor]) -> None:
         for key in state:
             if key not in self._kinds:
                 raise ValueError(
@@ -131,4 +139,3 @@ class GenericRule(CalibrationRule):
                     f"reset) before building the wrapper, e.g.\n"
                     f'    lowrank_opt_plugins.generic.declare({self._optimizer_name}, {key}="linear")'
                 )
-        calibrate_state(state, self._kinds, t, view, ctx.switches)

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowrank_opt.linalg import gram_eig
 from lowrank_opt.rule import CalibrationRule, Context, StateKind
 from lowrank_opt.views import FactorView
 
@@ -95,10 +96,8 @@ def orthogonalized_coefficients(
     ns_dtype: torch.dtype,
 ) -> Tensor:
     """``Delta`` (G, r, l) with ``s F Delta = NS(s F z)``, from the Grams of ``F`` alone."""
-    evals, evecs = torch.linalg.eigh(view.gram)  # ascending, (G, r) and (G, r, r)
-    tol = evals.shape[-1] * torch.finfo(evals.dtype).eps * evals[:, -1:].clamp(min=0)
-    keep = evals > tol.clamp(min=torch.finfo(evals.dtype).tiny ** 0.5)
-    root = evals.clamp(min=0).sqrt()
+    evals, evecs, keep = gram_eig(view.gram)  # (G, r), (G, r, r), (G, r)
+    root = evals.sqrt()
     # Dropped directions get a zero row in R and a zero column in its pseudo-inverse.
     r_factor = (root * keep)[..., None] * evecs.transpose(-2, -1)  # (r, r): R = Lambda^1/2 V^T
     r_pinv = evecs * (keep / torch.where(keep, root, torch.ones_like(root)))[:, None, :]  # (r, r): V Lambda^-1/2

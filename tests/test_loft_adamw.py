@@ -134,7 +134,8 @@ def _first_update(dtype: torch.dtype) -> torch.Tensor:
     pair = lo.LoRAPair(
         torch.nn.Parameter(pair.a.detach().to(dtype)), torch.nn.Parameter(pair.b.detach().to(dtype)), 1.0
     )
-    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair])
+    # No balancing: the difference below is the update alone, not a rescaled factor.
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-3), [pair], balance=False)
     gen = torch.Generator().manual_seed(14)
     pair.a.grad = (1e-3 * torch.randn(pair.a.shape, generator=gen, dtype=torch.float64)).to(dtype)
     pair.b.grad = (1e-3 * torch.randn(pair.b.shape, generator=gen, dtype=torch.float64)).to(dtype)
