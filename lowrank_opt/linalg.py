@@ -79,12 +79,13 @@ def damped_inverse(gram: Tensor) -> Tensor:
     return torch.cholesky_inverse(damped_cholesky(gram))
 
 
-# Eigenvalues of a Gram below RANK_TOLERANCE * r * mu_max are treated as zero, in every dtype, so a
-# float64 run keeps the directions a float32 run keeps and the two follow each other. 1e-8 sits
-# between two measured limits (docs/math.md section 11): float32 and float64 runs from B = 0 with
-# rank-1 gradients part (20%) once it is 1e-9 or less, and float64 full-rank equivalence with the
-# dense optimizers, whose trajectories reach cond(Gamma) ~ 1e7, breaks once it is 1e-7 or more.
-RANK_TOLERANCE = 1e-8
+# Eigenvalues of a Gram below RANK_TOLERANCE * r * mu_max are treated as zero, in every dtype:
+# forming Gamma = F^T F in float32 makes errors of about eps(float32) mu_max, so smaller ones carry
+# no information there, and float64 uses the same cut so that a float64 run keeps the directions a
+# float32 run keeps and the two follow each other (docs/math.md section 11). The price: a basis
+# with cond(F) beyond about 1 / sqrt(r eps(float32)) (~1000 at r = 8) loses its weakest directions,
+# in float64 too, where the dense optimizer would still use them.
+RANK_TOLERANCE = torch.finfo(torch.float32).eps
 
 
 def numerical_rank_mask(evals: Tensor) -> Tensor:
