@@ -23,7 +23,16 @@ from ..layout import WRAPPER_KEYS, hidden_wrapper_keys
 from ..pairs import LoRAPair
 from .fsdp import FSDP2
 from .sharded import PairSharded, assign_pairs, pair_costs
-from .strategy import DistributedStrategy, Materialised, Replicated, state_bytes
+from .strategy import (
+    DistributedStrategy,
+    Materialised,
+    Replicated,
+    agree_flags,
+    check_ranks_agree,
+    comm_device,
+    refuse_unsupported_wrappers,
+    state_bytes,
+)
 
 __all__ = [
     "DistributedStrategy",
@@ -31,10 +40,14 @@ __all__ = [
     "Materialised",
     "PairSharded",
     "Replicated",
+    "agree_flags",
     "assign_pairs",
+    "check_ranks_agree",
+    "comm_device",
     "default_strategy",
     "init_base_state",
     "pair_costs",
+    "refuse_unsupported_wrappers",
     "state_bytes",
 ]
 
@@ -90,3 +103,9 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = lr
         for p, grad in stashed.items():
             p.grad = grad
+    # The wrapper keeps a pair's statistics whole on the rank that steps it (also under FSDP2);
+    # the load overwrites these placeholders, so plain zeros of the whole shape need no collective.
+    for entry in delegated:
+        for key, value in entry.items():
+            if isinstance(value, DTensor):
+                entry[key] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..engine import finite_flags
 from ..linalg import compute_dtype
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule, Context, Switches
 from ..views import build_view
-from .strategy import DistributedStrategy
+from .strategy import DistributedStrategy, agree_flags, check_ranks_agree
 
 __all__ = ["PairSharded", "assign_pairs", "pair_costs"]
 
@@ -91,8 +92,9 @@ class PairSharded(DistributedStrategy):
 
     Per rank, LoRA statistics fall to about ``1 / world_size`` of the replicated mode's, and so
     does the step's compute; after each step every rank receives the factors that moved (one
-    factor per pair with the alternating schedule), ``sum r (m or n)`` elements in all. Clipping
-    adds one all-reduce of a float64 scalar.
+    factor per pair with the alternating schedule), ``sum r (m or n)`` elements in all. The
+    finiteness verdict is agreed with one all-reduce of one int32 per gradient; clipping adds one
+    all-reduce of a float64 scalar.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, bucket_bytes: int = 25 * 2**20) -> None:
@@ -104,7 +106,8 @@ class PairSharded(DistributedStrategy):
         self.rank = 0
 
     def __repr__(self) -> str:
-        return f"PairSharded(world_size={dist.get_world_size(self.group) if self.owners else '?'})"
+        world = dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else "?"
+        return f"PairSharded(world_size={world})"
 
     def setup(
         self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
@@ -112,12 +115,17 @@ class PairSharded(DistributedStrategy):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("PairSharded needs an initialised torch.distributed process group (init_process_group)")
         self.rank = dist.get_rank(self.group)
+        check_ranks_agree(pairs, rule, self, self.group)
         state, cost = pair_costs(pairs, rule, param_group_of)
         self.owners = assign_pairs(state, cost, dist.get_world_size(self.group))
         self._device = pairs[0].a.device
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank
+
+    def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
+        """Checked on this rank's gradients, agreed over the group (one all-reduce)."""
+        return agree_flags(finite_flags(grads), self.group)
 
     def reduce_pair_squares(self, local: Tensor) -> Tensor:
         total = local.to(self._device, torch.float64, copy=True)
