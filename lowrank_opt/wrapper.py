@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .advice import advise
-from .distributed import DistributedStrategy, Materialised, Replicated, default_strategy
+from .distributed import (
+    DistributedStrategy,
+    Materialised,
+    Replicated,
+    default_strategy,
+    refuse_unsupported_wrappers,
+)
 from .engine import (
     Group,
     GroupStore,
@@ -31,7 +37,7 @@ from .engine import (
     stepping_pairs,
     steps_done,
 )
-from .layout import BASIS_GRAM_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, basis_gram, create_state, plan_load
+from .layout import STATE_VERSION, STEP_KEY, VERSION_KEY, create_state, plan_load
 from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
@@ -116,6 +122,7 @@ class LowRankWrapper(Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if distributed is not None and not isinstance(distributed, DistributedStrategy):
             raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
+        refuse_unsupported_wrappers(model_or_pairs)
         pairs = find_lora_pairs(model_or_pairs, unsupported=unsupported)
         switches = Switches(rescale_grad, calibrate_first_moment, calibrate_second_moment, project_update)
         config = StepConfig(
@@ -352,11 +359,7 @@ class LowRankWrapper(Optimizer):
             counters = [work.state[f][STEP_KEY] for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
             torch._foreach_add_(counters, 1)
         self.distributed.publish([(i, getattr(work.pairs[i], side)) for i, side in moved])
-        for i, side in moved:
-            if not self.distributed.owns(i):  # the owner recorded the new Gram as it moved the factor
-                pair = work.pairs[i]
-                matrix = pair.matrix_a(pair.a) if side == "a" else pair.matrix_b(pair.b).T
-                work.state[getattr(pair, side)][BASIS_GRAM_KEY] = basis_gram(matrix)
+        self.distributed.record_moved(work.pairs, moved, work.state)
 
     def _describe(self, index: int) -> str:
         """The ``index``-th gradient checked by a step: factors of the stepping pairs, then the others."""
