@@ -154,6 +154,7 @@ class LowRankWrapper(Optimizer):
         config.rule.check(base_optimizer, list(factor_groups.values()), switches)
         self.distributed = distributed if distributed is not None else default_strategy(pairs)
         self.distributed.setup(pairs, config.rule, group_of)
+        self.distributed.attach(self)
         self._model = model_or_pairs if isinstance(model_or_pairs, nn.Module) else None
         self._unsupported = unsupported
         advise(base_optimizer, config.rule.name, rule_options or {}, pairs, set(), enabled=advice)
