@@ -7,7 +7,8 @@
 Pass one as ``LowRankWrapper(..., distributed=...)``. Checkpoints go through
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
 ``set_optimizer_state_dict`` and ``torch.distributed.checkpoint.save`` / ``load`` in every
-mode. See ``docs/distributed.md`` for memory and communication costs.
+mode; :mod:`lowrank_opt.distributed.checkpoint` wraps them crash-safely (``save`` /
+``load_latest``). See ``docs/distributed.md`` for memory and communication costs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from ..layout import WRAPPER_KEYS, hidden_wrapper_keys
 from ..pairs import LoRAPair
+from . import checkpoint
 from .fsdp import FSDP2
 from .sharded import PairSharded, assign_pairs, pair_costs
 from .strategy import (
@@ -30,6 +32,7 @@ from .strategy import (
     agree_flags,
     check_ranks_agree,
     comm_device,
+    owner_state_dict_hooks,
     refuse_unsupported_wrappers,
     state_bytes,
 )
@@ -42,8 +45,10 @@ __all__ = [
     "Replicated",
     "agree_flags",
     "assign_pairs",
+    "checkpoint",
     "check_ranks_agree",
     "comm_device",
+    "owner_state_dict_hooks",
     "default_strategy",
     "init_base_state",
     "pair_costs",

@@ -45,7 +45,14 @@ from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
 from .sharded import assign_pairs, pair_costs
-from .strategy import DistributedStrategy, Materialised, agree_flags, check_ranks_agree, comm_device
+from .strategy import (
+    DistributedStrategy,
+    Materialised,
+    agree_flags,
+    check_ranks_agree,
+    comm_device,
+    owner_state_dict_hooks,
+)
 
 __all__ = ["FSDP2"]
 
@@ -58,15 +65,19 @@ class FSDP2(DistributedStrategy):
     Args:
         bucket_bytes: the largest whole-tensor payload moved by one ``gather`` or ``scatter``; the
             flat buffers of a collective hold about this much on the owner.
+        full_state_dict: ``state_dict()`` gathers every pair's statistics to every rank (see
+            :class:`~lowrank_opt.distributed.PairSharded`); for flows that save one rank's state
+            dict for all.
 
     Factors must be ``(Shard(0),)`` on a 1-D mesh (FSDP2) or ``(Replicate(), Shard(0))`` on a 2-D
     mesh (HSDP). Uneven and empty shards (``r < world_size``) follow DTensor's chunking.
     """
 
-    def __init__(self, bucket_bytes: int = 25 * 2**20) -> None:
+    def __init__(self, bucket_bytes: int = 25 * 2**20, *, full_state_dict: bool = False) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
         self.bucket_bytes = bucket_bytes
+        self.full_state_dict = full_state_dict
         self.owners: list[int] = []
         self.rank = 0
         self.shards = 1
@@ -110,6 +121,9 @@ class FSDP2(DistributedStrategy):
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        owner_state_dict_hooks(optimizer, self, self._shard_group, self.full_state_dict)
 
     @contextmanager
     def materialised(self, pairs: Sequence[LoRAPair], state: State, with_bases: bool) -> Iterator[Materialised]:

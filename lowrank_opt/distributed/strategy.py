@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..engine import finite_flags, label
-from ..layout import BASIS_GRAM_KEY, basis_gram
+from ..layout import BASIS_GRAM_KEY, WRAPPER_KEYS, basis_gram
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
 
@@ -49,6 +49,7 @@ __all__ = [
     "agree_flags",
     "check_ranks_agree",
     "comm_device",
+    "owner_state_dict_hooks",
     "refuse_unsupported_wrappers",
     "state_bytes",
 ]
@@ -81,6 +82,10 @@ class DistributedStrategy:
     def owns(self, index: int) -> bool:
         """Whether this rank holds the statistics of pair ``index`` and computes its step."""
         return True
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by the wrapper after :meth:`setup`, with the wrapper itself: a strategy may
+        register state-dict hooks on it (:func:`owner_state_dict_hooks`)."""
 
     @contextmanager
     def materialised(
@@ -266,3 +271,77 @@ def refuse_unsupported_wrappers(model_or_pairs: nn.Module | Iterable[LoRAPair]) 
                 f"{name or 'the model'} is wrapped by FullyShardedDataParallel (FSDP1), whose flat parameters "
                 "hide the LoRA factors' shapes; shard with torch.distributed.fsdp.fully_shard (FSDP2) instead"
             )
+
+
+def owner_state_dict_hooks(
+    optimizer: torch.optim.Optimizer,
+    strategy: DistributedStrategy,
+    group: dist.ProcessGroup | None,
+    full_state_dict: bool,
+) -> None:
+    """State-dict hooks on ``optimizer`` (the wrapper) for a strategy whose ranks own pairs.
+
+    A rank's ``state_dict()`` holds the statistics of the pairs it owns only. That is what
+    ``torch.distributed.checkpoint`` wants (each rank writes its part), but a flow that saves rank
+    0's state dict for every rank (accelerate's ``save_state``, ``torch.save`` on rank 0) would
+    lose the others'. So:
+
+    * with ``full_state_dict``, ``state_dict()`` gathers every pair's statistics to every rank
+      (one ``all_gather_object`` of the owned statistics, moved to the CPU: every rank must call
+      it, and each then holds the whole optimizer state for the duration);
+    * always, ``load_state_dict()`` first checks that the state dict holds the statistics of
+      every pair this rank owns, agreed over ranks (one all-reduce), and otherwise raises the
+      same ``ValueError`` on every rank, naming the remedy.
+    """
+
+    def packed_ids(wrapper: Any, state_dict: Mapping[str, Any]) -> dict[Tensor, Any]:
+        """Parameter -> its key in ``state_dict``, matched by position in the param groups (as torch loads)."""
+        return {
+            p: key
+            for saved, live in zip(state_dict["param_groups"], wrapper.param_groups)
+            for key, p in zip(saved["params"], live["params"])
+        }
+
+    def owned_factors(wrapper: Any) -> list[Tensor]:
+        return [f for i, pair in enumerate(wrapper.pairs) if strategy.owns(i) for f in (pair.a, pair.b)]
+
+    # The hooks read the optimizer they are called with, so a copy of the wrapper uses its own pairs.
+    def gather(wrapper: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        ids = packed_ids(wrapper, state_dict)
+        mine = {
+            ids[f]: {
+                k: v.detach().cpu() for k, v in state_dict["state"].get(ids[f], {}).items() if k not in WRAPPER_KEYS
+            }
+            for f in owned_factors(wrapper)
+        }
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        for part in every:
+            for pid, statistics in part.items():
+                state_dict["state"].setdefault(pid, {}).update(statistics)
+        return state_dict
+
+    def check(wrapper: Any, state_dict: dict[str, Any]) -> None:
+        ids = packed_ids(wrapper, state_dict)
+        saved = state_dict.get("state", {})
+        missing = [
+            f
+            for f in owned_factors(wrapper)
+            if any(
+                k not in saved.get(ids[f], {})
+                for k, v in wrapper.state.get(f, {}).items()
+                if k not in WRAPPER_KEYS and isinstance(v, Tensor)
+            )
+        ]
+        complete = agree_flags(torch.tensor([not missing]), group)
+        if not bool(complete.all()):
+            raise ValueError(
+                f"the state dict lacks the statistics of pairs owned by other ranks than the one that saved it "
+                f"({strategy!r}: each rank's state_dict() holds its own pairs); save with "
+                "torch.distributed.checkpoint or lowrank_opt.distributed.checkpoint.save, or build the strategy "
+                "with full_state_dict=True so that state_dict() gathers every pair's statistics"
+            )
+
+    if full_state_dict:
+        optimizer.register_state_dict_post_hook(gather)
+    optimizer.register_load_state_dict_pre_hook(check)
