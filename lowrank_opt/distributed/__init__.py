@@ -2,7 +2,8 @@
 
 * :class:`Replicated` (default; a single process or DDP): every rank computes the same step.
 * :class:`PairSharded` (ZeRO-1 style): each LoRA pair is owned, whole, by one rank.
-* :class:`FSDP2` (chosen automatically when the factors are DTensors from ``fully_shard``).
+* :class:`FSDP2` (chosen automatically when the factors are DTensors from ``fully_shard``; HSDP
+  meshes too): each pair is stepped by one rank of the shard group, on shards gathered to it.
 
 Pass one as ``LowRankWrapper(..., distributed=...)``. Checkpoints go through
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /

@@ -6,7 +6,8 @@ as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pa
 
 1. before the step, the shards of each owned pair's factors and gradients (and, for a rule that
    reads it, the base weight ``W0``) are gathered to the owner only, bucketed: one ``gather`` per
-   owner and dtype for every ``bucket_bytes`` of whole tensors;
+   owner and dtype for every ``bucket_bytes`` of whole tensors, the next one issued before the
+   last one is unpacked;
 2. the owner steps its pairs exactly as a single process would, on whole plain tensors; its
    statistics are plain, whole tensors that live on it alone, as in the pair-sharded mode;
 3. after the step, the owner scatters the moved factor's rows back to their ranks, together with
@@ -244,30 +245,49 @@ class FSDP2(DistributedStrategy):
 
     def _gather(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
         """Whole copies of DTensors ``(owner, dtensor)`` on their owners: one ``gather`` per owner
-        and dtype in each bucket. Returns this rank's whole tensors, keyed by the DTensor."""
+        and dtype in each bucket, the next one in flight while the last one is unpacked (at most
+        two collectives' buffers alive). Returns this rank's whole tensors, keyed by the DTensor."""
         out: dict[Tensor, Tensor] = {}
         device = comm_device(self._shard_group)
+        calls: list[tuple[int, list[Tensor]]] = []
         for bucket in self._buckets(items):
-            calls: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+            by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
             for owner, t in bucket:
-                calls.setdefault((owner, t.dtype), []).append(t)
-            for (owner, dtype), tensors in calls.items():
-                sizes = [self._padded(t) for t in tensors]
-                send = torch.zeros(sum(sizes), dtype=dtype, device=device)
-                for t, piece in zip(tensors, send.split(sizes)):
-                    local = _local(t).detach().reshape(-1)
-                    piece[: local.numel()].copy_(local)
-                mine = owner == self.rank
-                received = [torch.empty_like(send) for _ in range(self.shards)] if mine else None
-                dist.gather(send, received, group=self._shard_group, group_dst=owner)
-                if received is None:
-                    continue
-                pieces = [flat.split(sizes) for flat in received]
-                for k, t in enumerate(tensors):
-                    row = t.numel() // max(t.shape[0], 1)
-                    parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
-                    out[t] = torch.cat(parts).view(t.shape).to(t.device)
+                by_key.setdefault((owner, t.dtype), []).append(t)
+            calls += [(owner, tensors) for (owner, _), tensors in by_key.items()]
+        in_flight: list[tuple[Any, list[Tensor] | None, list[int], list[Tensor]]] = []
+        for owner, tensors in calls:
+            sizes = [self._padded(t) for t in tensors]
+            send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=device)
+            for t, piece in zip(tensors, send.split(sizes)):
+                local = _local(t).detach().reshape(-1)
+                piece[: local.numel()].copy_(local)
+            received = [torch.empty_like(send) for _ in range(self.shards)] if owner == self.rank else None
+            work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
+            in_flight.append((work, received, sizes, tensors))
+            if len(in_flight) > 1:
+                self._unpack(*in_flight.pop(0), out)
+        for call in in_flight:
+            self._unpack(*call, out)
         return out
+
+    def _unpack(
+        self,
+        work: Any,
+        received: list[Tensor] | None,
+        sizes: list[int],
+        tensors: list[Tensor],
+        out: dict[Tensor, Tensor],
+    ) -> None:
+        """Wait for one gather and, on its owner, assemble each whole tensor from the ranks' rows."""
+        work.wait()
+        if received is None:
+            return
+        pieces = [flat.split(sizes) for flat in received]
+        for k, t in enumerate(tensors):
+            row = t.numel() // max(t.shape[0], 1)
+            parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
+            out[t] = torch.cat(parts).view(t.shape).to(t.device)
 
     def _scatter(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
         """Each moved factor's rows from its owner into every rank's shard, and its new basis Gram
