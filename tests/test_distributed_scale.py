@@ -20,7 +20,7 @@ import lowrank_opt as lo
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 8
+STEPS = 5
 WORLD = 4
 MODES = ("fsdp2", "hsdp", "sharded")
 
