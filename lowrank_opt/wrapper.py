@@ -332,8 +332,7 @@ class LowRankWrapper(Optimizer):
         with self._materialised() as work:
             done, groups, others = self._groups(work)
             factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
-            # Rows of the stored statistics are reused across steps; gathered copies (FSDP2) are not kept.
-            store = GroupStore(work.state) if work.originals else self._store_for(work.state)
+            store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
             check_inputs(groups, grad_flags, self._describe, store, self.rule)
             if self.max_grad_norm is not None:
