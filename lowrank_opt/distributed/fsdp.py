@@ -84,6 +84,8 @@ class FSDP2(DistributedStrategy):
         self.shards = 1
         self._shard_group: dist.ProcessGroup | None = None
         self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
+        self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
+        self._work_state: dict[Tensor, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"FSDP2(bucket_bytes={self.bucket_bytes})"
@@ -150,15 +152,18 @@ class FSDP2(DistributedStrategy):
             a, b = pair.a, pair.b
             if a in whole:
                 for factor in (a, b):
-                    shadow = nn.Parameter(whole[factor])
-                    if factor.grad is not None and factor.grad in whole:
-                        shadow.grad = whole[factor.grad]
+                    shadow = self._shadow_of(factor)
+                    shadow.data = whole[factor]
+                    shadow.grad = whole.get(factor.grad) if factor.grad is not None else None
                     shadows[factor] = shadow
                 a, b = shadows[pair.a], shadows[pair.b]
             base = whole.get(pair.base_weight, pair.base_weight) if pair.base_weight is not None else None
             work_pairs.append(replace(pair, a=a, b=b, base_weight=base) if a is not pair.a else pair)
-        # Working and original factors share one state entry: the statistics are the owner's plain tensors.
-        work_state: dict[Tensor, dict[str, Any]] = {}
+        # Working and original factors share one state entry: the statistics are the owner's plain
+        # tensors. The dict and the working factors are the same objects at every step, so the
+        # engine's stacked statistics are reused rather than stacked again.
+        work_state = self._work_state
+        work_state.clear()
         for pair in pairs:
             for factor in (pair.a, pair.b):
                 work_state[shadows.get(factor, factor)] = state[factor]
@@ -170,7 +175,18 @@ class FSDP2(DistributedStrategy):
                     if shadow.grad is not None and isinstance(factor.grad, DTensor):
                         factor.grad.to_local().copy_(self._rows_of(shadow.grad, self.rank))
         finally:
+            for shadow in shadows.values():  # the whole copies go; the objects stay for the next step
+                shadow.grad = None
+                shadow.data = shadow.data.new_empty(0)
+            work_state.clear()
             self._shadows = {}
+
+    def _shadow_of(self, factor: Tensor) -> nn.Parameter:
+        """The working factor that stands for the DTensor ``factor`` at every step (empty between steps)."""
+        shadow = self._working.get(factor)
+        if shadow is None:
+            shadow = self._working[factor] = nn.Parameter(torch.empty(0, dtype=factor.dtype, device=factor.device))
+        return shadow
 
     def record_moved(self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, str]], state: State) -> None:
         """Scatter each moved factor's rows from its owner, with its new basis Gram, bucketed."""
