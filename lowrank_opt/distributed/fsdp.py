@@ -55,7 +55,10 @@ from .strategy import (
     owner_state_dict_hooks,
 )
 
-__all__ = ["FSDP2"]
+__all__ = ["ALONE_BYTES", "FSDP2"]
+
+# A tensor this large is gathered by a collective of its own (bandwidth-bound anyway), without a copy.
+ALONE_BYTES = 2**20
 
 State = MutableMapping[Tensor, dict[str, Any]]
 
@@ -262,25 +265,35 @@ class FSDP2(DistributedStrategy):
     def _gather(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
         """Whole copies of DTensors ``(owner, dtensor)`` on their owners: one ``gather`` per owner
         and dtype in each bucket, the next one in flight while the last one is unpacked (at most
-        two collectives' buffers alive). Returns this rank's whole tensors, keyed by the DTensor."""
+        two collectives' buffers alive). A tensor of at least :data:`ALONE_BYTES` is gathered on
+        its own, straight into its whole copy (DTensor's shards pad only at the end, so the ranks'
+        padded pieces laid end to end are the whole tensor): no second copy of a large base weight.
+        Returns this rank's whole tensors, keyed by the DTensor."""
         out: dict[Tensor, Tensor] = {}
         device = comm_device(self._shard_group)
         calls: list[tuple[int, list[Tensor]]] = []
         for bucket in self._buckets(items):
             by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
             for owner, t in bucket:
-                by_key.setdefault((owner, t.dtype), []).append(t)
+                if t.numel() * t.element_size() >= ALONE_BYTES:
+                    calls.append((owner, [t]))
+                else:
+                    by_key.setdefault((owner, t.dtype), []).append(t)
             calls += [(owner, tensors) for (owner, _), tensors in by_key.items()]
-        in_flight: list[tuple[Any, list[Tensor] | None, list[int], list[Tensor]]] = []
+        in_flight: list[tuple[Any, Tensor | None, list[int], list[Tensor]]] = []
         for owner, tensors in calls:
             sizes = [self._padded(t) for t in tensors]
             send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=device)
             for t, piece in zip(tensors, send.split(sizes)):
                 local = _local(t).detach().reshape(-1)
                 piece[: local.numel()].copy_(local)
-            received = [torch.empty_like(send) for _ in range(self.shards)] if owner == self.rank else None
+            # The ranks' pieces land end to end in one buffer.
+            buffer = (
+                torch.empty(self.shards * send.numel(), dtype=send.dtype, device=device) if owner == self.rank else None
+            )
+            received = list(buffer.split(send.numel())) if buffer is not None else None
             work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
-            in_flight.append((work, received, sizes, tensors))
+            in_flight.append((work, buffer, sizes, tensors))
             if len(in_flight) > 1:
                 self._unpack(*in_flight.pop(0), out)
         for call in in_flight:
@@ -290,16 +303,20 @@ class FSDP2(DistributedStrategy):
     def _unpack(
         self,
         work: Any,
-        received: list[Tensor] | None,
+        buffer: Tensor | None,
         sizes: list[int],
         tensors: list[Tensor],
         out: dict[Tensor, Tensor],
     ) -> None:
         """Wait for one gather and, on its owner, assemble each whole tensor from the ranks' rows."""
         work.wait()
-        if received is None:
+        if buffer is None:
             return
-        pieces = [flat.split(sizes) for flat in received]
+        if len(tensors) == 1:  # one tensor: the buffer is already the whole, padded at the end
+            t = tensors[0]
+            out[t] = buffer[: t.numel()].view(t.shape).to(t.device)
+            return
+        pieces = [flat.split(sizes) for flat in buffer.split(sum(sizes))]
         for k, t in enumerate(tensors):
             row = t.numel() // max(t.shape[0], 1)
             parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
