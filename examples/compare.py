@@ -15,9 +15,22 @@ never the test split); every run that sweeps must list the same number, so
 every optimizer gets the same tuning budget. The remaining seeds then run at
 the chosen rate. ``lr`` may also name an earlier run: the run then trains at
 the rate that run's sweep chose, with no tuning of its own (for instance a
-low-rank optimizer at full fine-tuning's rate). Output: a table on stdout and, in ``out``, ``results.csv`` (one
-row per run and seed), ``summary.csv`` and ``results.md`` (mean and std over
-seeds), ``sweep.csv``, ``curves.csv`` and ``loss.png``.
+low-rank optimizer at full fine-tuning's rate).
+
+Every LoRA-family run is compared with full fine-tuning on the same seed (the
+``reference`` run, by default the first ``full`` run): the cosine similarity
+and the relative distance ``|dW - dW_full| / |dW_full|`` between the change of
+each adapted layer's effective weight (``W0 + s B A``) over the run and the
+change of the same dense weight under full fine-tuning, per layer and over all
+adapted layers at once. ``paired`` lists (a, b) run pairs whose per-seed
+differences get a mean and a 95% t-interval.
+
+Output: a table on stdout and, in ``out``, ``results.csv`` (one row per run
+and seed), ``summary.csv`` and ``results.md`` (mean and std over seeds, then
+the paired differences), ``sweep.csv``, ``similarity.csv`` (per layer),
+``paired.csv``, ``curves.csv`` (per step: train loss, wall-clock seconds and
+test metrics at evaluation steps), ``loss.png`` and ``quality.png`` (the test
+metric against steps and against wall-clock seconds).
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ class WrapperOptions:
 
     rule: str | None = None
     rule_options: dict[str, Any] | None = None
-    schedule: Literal["alternate", "both"] = "alternate"
+    schedule: Literal["alternate", "both", "sequential"] = "alternate"
     alternate_every: int = 1
     rescale_grad: bool = True
     calibrate_first_moment: bool = True
@@ -107,6 +120,9 @@ class Result:
     step_ms: float
     opt_ms: float
     state_bytes: int
+    times: list[float]  # training wall-clock seconds after each step (evaluations excluded)
+    delta: dict[str, torch.Tensor] | None = None  # change of each adapted layer's weight, until compared
+    similarity: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (cos, rel dist)
 
     def train_loss(self, window: int) -> float:
         tail = self.train_losses[-window:]
@@ -123,6 +139,15 @@ def build_parser() -> ArgumentParser:
         "--seeds", type=list[int], default=[0, 1, 2], help="Seeds; the first one also runs the lr sweep"
     )
     parser.add_argument("--select", type=Literal["val_loss", "val_acc"], default="val_loss", help="Sweep criterion")
+    parser.add_argument(
+        "--reference",
+        type=str | None,
+        default=None,
+        help="Full run whose delta W the LoRA-family runs are compared with (None: the first full run)",
+    )
+    parser.add_argument(
+        "--paired", type=list[tuple[str, str]], default=[], help="Run pairs (a, b): per-seed a - b, mean and 95% CI"
+    )
     parser.add_argument(
         "--eval_every", type=int | None, default=None, help="Test metrics every k steps (None: at the end)"
     )
@@ -221,10 +246,21 @@ def _state_bytes(state: Any, seen: set[int]) -> int:
     return 0
 
 
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: matrices flagged ``use_muon=True``, the rest
+    ``False``. ``lowrank_opt.MuonWithAdamW`` steps the first with Muon and the second with AdamW;
+    every other optimizer ignores the flag (one empty group is left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim == 2], "use_muon": True},
+        {"params": [p for p in params if p.ndim != 2], "use_muon": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(task: Task, run: Run, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The run's optimizer over the model's trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = run.optimizer(params, lr=lr)
+    optimizer = run.optimizer(param_groups(model), lr=lr)
     if run.mode != "lowrank":
         return optimizer
     import lowrank_opt as lo
@@ -257,9 +293,11 @@ def train(
     """Train one (run, lr, seed) and measure it."""
     model, optimizer = prepare(task, run, lr, seed)
     model.train()
+    start = task.adapted_weights(model)
     losses: list[float] = []
+    times: list[float] = []
     evals: list[tuple[int, dict[str, float]]] = []
-    step_s = opt_s = 0.0
+    step_s = opt_s = elapsed = 0.0
     batches = task.batches(seed)
     progress.start(f"{run.name} lr={lr:g} seed={seed}", args.steps)
     for step in range(args.steps):
@@ -277,6 +315,8 @@ def train(
         if step > 0:  # the first step pays for lazy state allocation
             step_s += t2 - t0
             opt_s += t2 - t1
+        elapsed += t2 - t0
+        times.append(elapsed)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break  # diverged: the rest would be NaN too
@@ -299,7 +339,31 @@ def train(
         step_ms=1e3 * step_s / timed,
         opt_ms=1e3 * opt_s / timed,
         state_bytes=_state_bytes(optimizer.state_dict()["state"], set()),
+        times=times,
+        delta={name: weight - start[name] for name, weight in task.adapted_weights(model).items()},
     )
+
+
+def similarity(delta: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per layer and ``"overall"`` (all layers as one vector): the cosine similarity of ``delta``
+    and ``reference`` and the relative distance ``|delta - reference| / |reference|``, in float64."""
+    if delta.keys() != reference.keys():
+        raise ConfigError(f"delta W layers differ from the reference's: {sorted(delta)} vs {sorted(reference)}")
+    out: dict[str, tuple[float, float]] = {}
+    dot = sq_d = sq_r = sq_diff = 0.0
+    for name, d in delta.items():
+        d, r = d.double().flatten(), reference[name].double().flatten()
+        layer = (float(d @ d), float(r @ r), float(d @ r), float((d - r) @ (d - r)))
+        out[name] = _cos_dist(*layer)
+        sq_d, sq_r, dot, sq_diff = sq_d + layer[0], sq_r + layer[1], dot + layer[2], sq_diff + layer[3]
+    out["overall"] = _cos_dist(sq_d, sq_r, dot, sq_diff)
+    return out
+
+
+def _cos_dist(sq_d: float, sq_r: float, dot: float, sq_diff: float) -> tuple[float, float]:
+    """(cosine, relative distance) from squared norms, the inner product and the squared distance."""
+    cos = dot / math.sqrt(sq_d * sq_r) if sq_d > 0 and sq_r > 0 else math.nan
+    return cos, math.sqrt(sq_diff / sq_r) if sq_r > 0 else math.nan
 
 
 def _score(result: Result, select: str) -> float:
@@ -327,6 +391,8 @@ def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
     results: list[Result] = []
     sweep: list[dict[str, Any]] = []
     chosen: dict[str, float] = {}
+    reference = args.reference or next((run.name for run in runs if run.mode == "full"), None)
+    deltas: dict[int, dict[str, torch.Tensor]] = {}  # the reference run's delta W, by seed
     progress = Progress(jobs, args.progress, args.progress_every)
     try:
         for run in runs:
@@ -346,9 +412,14 @@ def compare(args: Namespace) -> tuple[list[Result], list[dict[str, Any]]]:
                         "chosen": r is best,
                     }
                 )
-            results.append(best)
-            for seed in args.seeds[1:]:
-                results.append(train(task, run, best.lr, seed, args, device, progress))
+            done = [best] + [train(task, run, best.lr, seed, args, device, progress) for seed in args.seeds[1:]]
+            for result in done:
+                if run.name == reference and result.delta is not None:
+                    deltas[result.seed] = result.delta
+                elif run.mode != "full" and result.delta is not None and result.seed in deltas:
+                    result.similarity = similarity(result.delta, deltas[result.seed])
+                result.delta = None
+            results += done
     finally:
         progress.close()
     return results, sweep
@@ -384,11 +455,62 @@ def summarise(results: list[Result], metrics: tuple[str, ...], window: int) -> l
         row["train_loss"], row["train_loss_std"] = _mean_std([r.train_loss(window) for r in group])
         for metric in metrics:
             row[f"test_{metric}"], row[f"test_{metric}_std"] = _mean_std([r.test[metric] for r in group])
+        compared = [r.similarity["overall"] for r in group if r.similarity]
+        row["dw_cos"], row["dw_cos_std"] = _mean_std([c for c, _ in compared])
+        row["dw_dist"], row["dw_dist_std"] = _mean_std([d for _, d in compared])
         row["step_ms"] = statistics.fmean(r.step_ms for r in group)
         row["opt_ms"] = statistics.fmean(r.opt_ms for r in group)
+        row["seconds"] = statistics.fmean(r.times[-1] for r in group)
         row["state_bytes"] = group[0].state_bytes
         rows.append(row)
     return rows
+
+
+#: Two-sided 95% quantiles of Student's t, by degrees of freedom (1 to 30).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (the normal's beyond 30)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def paired(results: list[Result], pairs: list[tuple[str, str]], metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per-seed differences ``a - b`` of each test metric (and delta-W cosine where both have it):
+    mean, std and the 95% t-interval of the mean, over the seeds both runs have."""
+
+    def value(result: Result, key: str) -> float:
+        if key == "dw_cos":
+            return result.similarity["overall"][0] if result.similarity else math.nan
+        return result.test[key.removeprefix("test_")]
+
+    rows = []
+    by_seed = {(r.run, r.seed): r for r in results}
+    for a, b in pairs:
+        seeds = [seed for (run, seed) in by_seed if run == a and (b, seed) in by_seed]
+        for key in [f"test_{m}" for m in metrics] + ["dw_cos"]:
+            diffs = [value(by_seed[(a, seed)], key) - value(by_seed[(b, seed)], key) for seed in seeds]
+            if not diffs or not all(math.isfinite(d) for d in diffs):
+                continue
+            mean, std = _mean_std(diffs)
+            half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            rows.append(
+                {"a": a, "b": b, "metric": key, "seeds": len(diffs), "mean": mean, "std": std,
+                 "ci_low": mean - half, "ci_high": mean + half}
+            )  # fmt: skip
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the paired differences."""
+    lines = ["| a - b | metric | mean ± std | 95% CI | seeds |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['a']} - {row['b']} | {row['metric']} | {_pm(row['mean'], row['std'], '.3g')} "
+            f"| [{row['ci_low']:.3g}, {row['ci_high']:.3g}] | {row['seeds']} |"
+        )
+    return "\n".join(lines)
 
 
 def _bytes(n: int) -> str:
@@ -405,9 +527,11 @@ def _pm(mean: float, std: float, fmt: str) -> str:
 
 def table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
     """Markdown table of the summary rows."""
+    with_dw = any(math.isfinite(row["dw_cos"]) for row in rows)
     head = (
         ["run", "rank", "lr", "train loss"]
         + [f"test {m}" for m in metrics]
+        + (["ΔW cos", "ΔW rel dist"] if with_dw else [])
         + ["step ms", "opt ms", "opt state", "seeds"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -416,6 +540,9 @@ def table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
         for m in metrics:
             fmt = ".3f" if m == "acc" else ".3g"
             cells.append(_pm(row[f"test_{m}"], row[f"test_{m}_std"], fmt))
+        if with_dw:
+            for key in ("dw_cos", "dw_dist"):
+                cells.append(_pm(row[key], row[f"{key}_std"], ".3g") if math.isfinite(row[key]) else "-")
         cells += [f"{row['step_ms']:.1f}", f"{row['opt_ms']:.1f}", _bytes(row["state_bytes"]), str(row["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -476,6 +603,34 @@ def plot(results: list[Result], metrics: tuple[str, ...], smooth: int, path: Pat
     plt.close(fig)
 
 
+def plot_quality(results: list[Result], metric: str, path: Path, title: str) -> None:
+    """Test ``metric`` at each evaluation against steps and against training wall-clock seconds
+    (mean over seeds), one line per run: time to quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r.run for r in results):
+        group = [r for r in results if r.run == name]
+        points = min(len(r.evals) for r in group)
+        steps = [group[0].evals[i][0] for i in range(points)]
+        values = [statistics.fmean(r.evals[i][1][metric] for r in group) for i in range(points)]
+        seconds = [statistics.fmean(r.times[s - 1] for r in group) for s in steps]
+        line = axes[0].plot(steps, values, marker="o", markersize=3, label=name)[0]
+        axes[1].plot(seconds, values, marker="o", markersize=3, color=line.get_color(), label=name)
+    for ax, xlabel in zip(axes, ("step", "training wall-clock seconds (mean over seeds)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {metric} (mean over seeds)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_outputs(results: list[Result], sweep: list[dict[str, Any]], args: Namespace, out: Path) -> str:
     """Write every output file; return the table."""
     task: Task = args.task
@@ -490,16 +645,29 @@ def write_outputs(results: list[Result], sweep: list[dict[str, Any]], args: Name
             "train_loss": r.train_loss(args.loss_window),
         }
         row |= {f"val_{m}": r.val[m] for m in task.metrics} | {f"test_{m}": r.test[m] for m in task.metrics}
+        row |= dict(zip(("dw_cos", "dw_dist"), r.similarity.get("overall", ("", ""))))
         row |= {"step_ms": r.step_ms, "opt_ms": r.opt_ms, "state_bytes": r.state_bytes, "steps": len(r.train_losses)}
+        row["seconds"] = r.times[-1]
         per_seed.append(row)
     _write_csv(out / "results.csv", per_seed)
     rows = summarise(results, task.metrics, args.loss_window)
     _write_csv(out / "summary.csv", rows)
     _write_csv(out / "sweep.csv", sweep)
-    curves = [
-        {"run": r.run, "seed": r.seed, "step": step, "train_loss": loss, **{f"test_{m}": "" for m in task.metrics}}
+    layers = [
+        {"run": r.run, "seed": r.seed, "layer": layer, "cos": cos, "rel_dist": dist}
         for r in results
-        for step, loss in enumerate(r.train_losses, start=1)
+        for layer, (cos, dist) in r.similarity.items()
+    ]
+    if layers:
+        _write_csv(out / "similarity.csv", layers)
+    differences = paired(results, args.paired, task.metrics)
+    if differences:
+        _write_csv(out / "paired.csv", differences)
+    curves = [
+        {"run": r.run, "seed": r.seed, "step": step, "time_s": seconds, "train_loss": loss}
+        | {f"test_{m}": "" for m in task.metrics}
+        for r in results
+        for step, (loss, seconds) in enumerate(zip(r.train_losses, r.times), start=1)
     ]
     index = {(c["run"], c["seed"], c["step"]): c for c in curves}
     for r in results:
@@ -507,8 +675,12 @@ def write_outputs(results: list[Result], sweep: list[dict[str, Any]], args: Name
             index[(r.run, r.seed, step)] |= {f"test_{m}": metrics[m] for m in task.metrics}
     _write_csv(out / "curves.csv", curves)
     text = table(rows, task.metrics)
+    if differences:
+        text += "\n\n" + paired_table(differences)
     (out / "results.md").write_text(text + "\n")
     plot(results, task.metrics, args.smooth, out / "loss.png", type(task).__name__)
+    plot_quality(results, task.metrics[-1] if "acc" in task.metrics else task.metrics[0], out / "quality.png",
+                 type(task).__name__)  # fmt: skip
     return text
 
 
@@ -546,6 +718,12 @@ def parse(argv: list[str]) -> tuple[Namespace, Path]:
             raise ConfigError(f"run {run.name!r}: wrapper options apply to mode lowrank only, not {run.mode}")
     if len({run.name for run in args.runs}) != len(args.runs):
         raise ConfigError("run names must be unique")
+    modes = {run.name: run.mode for run in args.runs}
+    if args.reference is not None and modes.get(args.reference) != "full":
+        raise ConfigError(f"reference {args.reference!r} names no full run")
+    for a, b in args.paired:
+        if a not in modes or b not in modes:
+            raise ConfigError(f"paired ({a!r}, {b!r}) names a run that is not in the config")
     return args, Path(args.out) if args.out else Path("runs") / config_name
 
 
@@ -563,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = write_outputs(results, sweep, args, out)
     print(text)
-    print(f"\nwrote {out}/results.csv, summary.csv, sweep.csv, curves.csv, results.md, loss.png")
+    print(f"\nwrote {out}/results.csv, summary.csv, sweep.csv, curves.csv, results.md, loss.png, quality.png")
     return 0
 
 

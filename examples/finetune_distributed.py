@@ -1,12 +1,15 @@
-"""Distributed LoRA fine-tuning with lowrank_opt: replicated (DDP), pair-sharded or FSDP2.
+"""Distributed LoRA fine-tuning with lowrank_opt: replicated (DDP), pair-sharded, FSDP2 or HSDP.
 
     torchrun --nproc_per_node 2 examples/finetune_distributed.py --mode sharded
     torchrun --nproc_per_node 2 examples/finetune_distributed.py --mode fsdp2 --checkpoint /tmp/lora_ckpt
+    torchrun --nproc_per_node 4 examples/finetune_distributed.py --mode hsdp --checkpoint /tmp/lora_ckpt
     torchrun --nproc_per_node 1 examples/finetune_distributed.py --mode replicated --checkpoint /tmp/lora_ckpt
 
-gloo on CPU, nccl on GPUs (one per process). With ``--checkpoint``, a run resumes from the
-directory when it holds a checkpoint and saves there at the end: a checkpoint written in any mode
-and with any number of processes loads in any other (``torch.distributed.checkpoint``).
+gloo on CPU, nccl on GPUs (one per process). With ``--checkpoint``, a run resumes from the last
+complete checkpoint under that directory and saves every ``--save_every`` steps and at the end
+(:mod:`lowrank_opt.distributed.checkpoint`: each save goes to a new directory and a pointer file
+is switched atomically, so a run killed while saving resumes from the previous checkpoint). A
+checkpoint written in any mode and with any number of processes loads in any other.
 
 The task: a frozen random MLP ("pretrained") is adapted with LoRA to imitate a teacher that
 differs from it by a low-rank change in every layer, plus a trainable output bias (a parameter
@@ -22,16 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 import lowrank_opt as lo
+from lowrank_opt.distributed import checkpoint
 
 
 def pretrained(width: int, depth: int, seed: int) -> nn.Sequential:
@@ -71,14 +68,15 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["replicated", "sharded", "fsdp2"], default="sharded")
+    parser.add_argument("--mode", choices=["replicated", "sharded", "fsdp2", "hsdp"], default="sharded")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="global batch, split across ranks")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="directory of checkpoints (resume and save)")
+    parser.add_argument("--save_every", type=int, default=100)
     return parser.parse_args()
 
 
@@ -93,13 +91,18 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     model[-1].base.bias.requires_grad_(True)
     model.to(device)
     strategy: lo.distributed.DistributedStrategy | None = None
-    if args.mode == "fsdp2":
+    if args.mode in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if args.mode == "hsdp" and world % 2:
+            raise ValueError(f"--mode hsdp replicates over 2 groups of shards; {world} processes do not split in two")
+        shape, names = ((2, world // 2), ("replicate", "shard")) if args.mode == "hsdp" else ((world,), ("shard",))
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
         for layer in model:
             if isinstance(layer, lo.LoRALinear):
-                fully_shard(layer)
-        net: nn.Module = fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        net: nn.Module = fully_shard(model, mesh=mesh)
     else:
         net = nn.parallel.DistributedDataParallel(model)
         strategy = lo.distributed.PairSharded() if args.mode == "sharded" else lo.distributed.Replicated()
@@ -107,17 +110,12 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     opt = lo.LowRankWrapper(base, net, distributed=strategy, max_grad_norm=1.0)
 
     first = 0
-    if args.checkpoint is not None and (args.checkpoint / ".metadata").exists():
-        lo.distributed.init_base_state(opt)  # so strict loading finds an entry for the bias
-        state = {
-            "model": get_model_state_dict(net),
-            "optim": get_optimizer_state_dict(net, opt),
-            "step": torch.zeros(()),
-        }
-        dcp.load(state, checkpoint_id=args.checkpoint)
-        set_model_state_dict(net, state["model"])
-        set_optimizer_state_dict(net, opt, state["optim"])
-        first = int(state["step"])
+    if args.checkpoint is not None:
+        resumed = checkpoint.load_latest(args.checkpoint, net, opt)
+        if resumed is not None:
+            first = resumed
+            if rank == 0:
+                print(f"resumed from step {first} in {args.checkpoint}")
 
     size = args.batch // world
     for step in range(first, first + args.steps):
@@ -135,16 +133,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
                 losses = sum(float(r[0]) for r in reports) / world
                 per_rank = ", ".join(f"{int(r[1])}" for r in reports)
                 print(f"step {step:5d}  loss {losses:.5f}  optimizer state bytes per rank: {per_rank}")
-
-    if args.checkpoint is not None:
-        state = {
-            "model": get_model_state_dict(net),
-            "optim": get_optimizer_state_dict(net, opt),
-            "step": torch.tensor(float(step + 1)),
-        }
-        dcp.save(state, checkpoint_id=args.checkpoint)
-        if rank == 0:
-            print(f"saved step {step + 1} to {args.checkpoint}")
+        done = step + 1
+        if args.checkpoint is not None and (done % args.save_every == 0 or done == first + args.steps):
+            where = checkpoint.save(args.checkpoint, done, net, opt)
+            if rank == 0:
+                print(f"saved step {done} to {where}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .advice import advise
-from .distributed import DistributedStrategy, Materialised, Replicated, default_strategy
+from .distributed import (
+    DistributedStrategy,
+    Materialised,
+    Replicated,
+    default_strategy,
+    refuse_unsupported_wrappers,
+)
 from .engine import (
     Group,
     GroupStore,
@@ -31,7 +37,7 @@ from .engine import (
     stepping_pairs,
     steps_done,
 )
-from .layout import BASIS_GRAM_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, basis_gram, create_state, plan_load
+from .layout import STATE_VERSION, STEP_KEY, VERSION_KEY, create_state, plan_load
 from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
@@ -121,6 +127,7 @@ class LowRankWrapper(Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if distributed is not None and not isinstance(distributed, DistributedStrategy):
             raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
+        refuse_unsupported_wrappers(model_or_pairs)
         pairs = find_lora_pairs(model_or_pairs, unsupported=unsupported)
         switches = Switches(rescale_grad, calibrate_first_moment, calibrate_second_moment, project_update)
         config = StepConfig(
@@ -153,6 +160,7 @@ class LowRankWrapper(Optimizer):
         config.rule.check(base_optimizer, list(factor_groups.values()), switches)
         self.distributed = distributed if distributed is not None else default_strategy(pairs)
         self.distributed.setup(pairs, config.rule, group_of)
+        self.distributed.attach(self)
         self._model = model_or_pairs if isinstance(model_or_pairs, nn.Module) else None
         self._unsupported = unsupported
         advise(base_optimizer, config.rule.name, rule_options or {}, pairs, set(), enabled=advice)
@@ -330,8 +338,7 @@ class LowRankWrapper(Optimizer):
         with self._materialised() as work:
             done, groups, others = self._groups(work)
             factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
-            # Rows of the stored statistics are reused across steps; gathered copies (FSDP2) are not kept.
-            store = GroupStore(work.state) if work.originals else self._store_for(work.state)
+            store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
             check_inputs(groups, grad_flags, self._describe, store, self.config)
             if self.max_grad_norm is not None:
@@ -363,11 +370,7 @@ class LowRankWrapper(Optimizer):
             counters = [work.state[f][STEP_KEY] for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]
             torch._foreach_add_(counters, 1)
         self.distributed.publish([(i, getattr(work.pairs[i], side)) for i, side in moved])
-        for i, side in moved:
-            if not self.distributed.owns(i):  # the owner recorded the new Gram as it moved the factor
-                pair = work.pairs[i]
-                matrix = pair.matrix_a(pair.a) if side == "a" else pair.matrix_b(pair.b).T
-                work.state[getattr(pair, side)][BASIS_GRAM_KEY] = basis_gram(matrix)
+        self.distributed.record_moved(work.pairs, moved, work.state)
 
     def _describe(self, index: int) -> str:
         """The ``index``-th gradient checked by a step: factors of the stepping pairs, then the others."""

@@ -76,7 +76,8 @@ def local_batch(step: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
 
 
 def build(rule: str, mode: str, **options: Any) -> tuple[nn.Module, lo.LowRankWrapper]:
-    """``mode``: ``single`` (no wrapping), ``replicated`` and ``sharded`` (DDP), ``fsdp2`` (``fully_shard``)."""
+    """``mode``: ``single`` (no wrapping, no communication), ``replicated`` and ``sharded`` (DDP),
+    ``fsdp2`` (``fully_shard``)."""
     make_base, train_bias = BASES[rule]
     net: nn.Module = Net(train_bias)
     strategy = None
@@ -89,7 +90,9 @@ def build(rule: str, mode: str, **options: Any) -> tuple[nn.Module, lo.LowRankWr
         for layer in net.layers:
             fully_shard(layer)
         fully_shard(net)
-    elif mode != "single":
+    elif mode == "single":  # a reference inside a distributed job: no communication
+        strategy = lo.distributed.Replicated(local=True)
+    else:
         raise ValueError(f"unknown mode {mode!r}")
     base = make_base([p for p in net.parameters() if p.requires_grad])
     return net, lo.LowRankWrapper(base, net, rule=rule, distributed=strategy, **options)

@@ -10,6 +10,7 @@ function for every optimizer, so runs differ only by their optimizer.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConfigError", "Task", "MatrixFactorization", "PlayId"]
+__all__ = ["ConfigError", "Task", "adapted_linear_weights", "MatrixFactorization", "PlayId", "CausalLM"]
 
 
 class ConfigError(Exception):
@@ -47,6 +48,12 @@ class Task(ABC):
         return model
 
     @abstractmethod
+    def adapted_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The effective weight of every adapted layer, keyed by a name shared by the full and the
+        LoRA model: the dense weight of the full model, ``W0 + s B A`` of the LoRA model (detached
+        copies). Their change over a run is the run's ``delta W``."""
+
+    @abstractmethod
     def batches(self, seed: int) -> Iterator[Any]:
         """An endless, seeded stream of training batches."""
 
@@ -59,6 +66,28 @@ class Task(ABC):
         """Metrics of ``model`` on ``split`` (``"val"`` or ``"test"``) for the run of ``seed``."""
 
 
+def adapted_linear_weights(model: nn.Module, targets: str) -> dict[str, torch.Tensor]:
+    """Effective weights of the modules whose names fully match ``targets``: a peft LoRA layer
+    gives ``W0 + sum over active adapters of scaling * B A``, a plain ``nn.Linear`` its weight."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if not re.fullmatch(targets, name):
+            continue
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
+            weight = module.get_base_layer().weight.detach().clone()
+            for key in module.active_adapters:
+                if key in module.lora_A:
+                    b, a = module.lora_B[key].weight.detach(), module.lora_A[key].weight.detach()
+                    weight += module.scaling[key] * (b @ a)  # (m, r) @ (r, n) -> (m, n)
+            out[name] = weight
+        elif isinstance(module, nn.Linear):
+            out[name] = module.weight.detach().clone()
+    if not out:
+        raise ConfigError(f"no module of {type(model).__name__} matches the adapted-layer pattern {targets!r}")
+    return out
+
+
 # Imported last: the task modules subclass ``Task``.
+from tasks.causal_lm import CausalLM  # noqa: E402
 from tasks.matrix_factorization import MatrixFactorization  # noqa: E402
 from tasks.play_id import PlayId  # noqa: E402

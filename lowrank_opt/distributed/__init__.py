@@ -2,12 +2,14 @@
 
 * :class:`Replicated` (default; a single process or DDP): every rank computes the same step.
 * :class:`PairSharded` (ZeRO-1 style): each LoRA pair is owned, whole, by one rank.
-* :class:`FSDP2` (chosen automatically when the factors are DTensors from ``fully_shard``).
+* :class:`FSDP2` (chosen automatically when the factors are DTensors from ``fully_shard``; HSDP
+  meshes too): each pair is stepped by one rank of the shard group, on shards gathered to it.
 
 Pass one as ``LowRankWrapper(..., distributed=...)``. Checkpoints go through
 ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
 ``set_optimizer_state_dict`` and ``torch.distributed.checkpoint.save`` / ``load`` in every
-mode. See ``docs/distributed.md`` for memory and communication costs.
+mode; :mod:`lowrank_opt.distributed.checkpoint` wraps them crash-safely (``save`` /
+``load_latest``). See ``docs/distributed.md`` for memory and communication costs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ from torch.distributed.tensor import DTensor
 
 from ..layout import WRAPPER_KEYS, hidden_wrapper_keys
 from ..pairs import LoRAPair
+from . import checkpoint
 from .fsdp import FSDP2
 from .sharded import PairSharded, assign_pairs, pair_costs
-from .strategy import DistributedStrategy, Materialised, Replicated, state_bytes
+from .strategy import (
+    DistributedStrategy,
+    Materialised,
+    Replicated,
+    agree_flags,
+    check_ranks_agree,
+    comm_device,
+    owner_state_dict_hooks,
+    refuse_unsupported_wrappers,
+    state_bytes,
+)
 
 __all__ = [
     "DistributedStrategy",
@@ -31,10 +44,16 @@ __all__ = [
     "Materialised",
     "PairSharded",
     "Replicated",
+    "agree_flags",
     "assign_pairs",
+    "checkpoint",
+    "check_ranks_agree",
+    "comm_device",
+    "owner_state_dict_hooks",
     "default_strategy",
     "init_base_state",
     "pair_costs",
+    "refuse_unsupported_wrappers",
     "state_bytes",
 ]
 
@@ -90,3 +109,9 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = lr
         for p, grad in stashed.items():
             p.grad = grad
+    # The wrapper keeps a pair's statistics whole on the rank that steps it (also under FSDP2);
+    # the load overwrites these placeholders, so plain zeros of the whole shape need no collective.
+    for entry in delegated:
+        for key, value in entry.items():
+            if isinstance(value, DTensor):
+                entry[key] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)

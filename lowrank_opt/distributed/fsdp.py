@@ -1,21 +1,32 @@
-"""FSDP2: factors that ``torch.distributed.fsdp.fully_shard`` turned into ``Shard(0)`` DTensors.
+"""FSDP2 and HSDP: factors that ``fully_shard`` turned into DTensors sharded on their first dimension.
 
-Every rule needs the whole frozen basis ``F`` (k, r): the update is rebuilt in full space from it
-(docs/math.md sections 6-8). So, around each step, every LoRA factor, its gradient and its statistics
-are all-gathered into plain tensors, every rank computes the same step on them exactly as a single
-process would, and each rank keeps its own shard of the result (slicing, no communication).
-LoRA factors are ``r (m + n)`` elements per pair, a small fraction of the model, so the gather is
-cheap next to FSDP's own gathers of the weights; the Grams then come from the gathered factors
-with no further communication. A rule that reads the frozen base weight ``W0`` (Adafactor's
-relative step) also gets it gathered, an ``m n`` all-gather per pair and step; rules declare
-``reads_base_weight = False`` to skip it.
+Owner-computes. Every rule needs a pair's whole frozen basis ``F`` (k, r), so a pair's step cannot
+be split across its shards; instead each pair is owned by one rank of the shard group, balanced
+as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pairs`):
 
-Between steps, every statistic with at least one dimension is a DTensor sharded on its first
-dimension over the factor's mesh (for statistics shaped like the factor, the factor's own
-sharding), so per-rank state memory is ``1 / world_size`` and checkpoints reshard; the wrapper's
-step counter and basis Gram (scalars and ``r x r``) stay plain, replicated tensors. Parameters
-that are not LoRA factors are stepped by the base optimizer on their DTensors, as FSDP2 does.
-Gradient clipping adds one all-reduce for those parameters' norms; the finiteness check one more.
+1. before the step, the shards of each owned pair's factors and gradients (and, for a rule that
+   reads it, the base weight ``W0``) are gathered to the owner only, bucketed: one ``gather`` per
+   owner and dtype for every ``bucket_bytes`` of whole tensors, the next one issued before the
+   last one is unpacked;
+2. the owner steps its pairs exactly as a single process would, on whole plain tensors; its
+   statistics are plain, whole tensors that live on it alone, as in the pair-sharded mode;
+3. after the step, the owner scatters the moved factor's rows back to their ranks, together with
+   its new ``r x r`` basis Gram, which every rank records (one ``scatter`` per owner and dtype
+   for every bucket).
+
+Per rank, statistics, step compute and in-step memory (whole factors, gradients and the step's
+temporaries) are those of about ``1 / world`` of the pairs: they fall with the shard group's
+size, also when it exceeds ``r`` (a statistic shaped like ``A`` (r, n) is never split by rows).
+Communication per step: ``r (m + n)`` elements of factors and as many of gradients per stepping
+pair in, ``r (m or n)`` plus ``r^2`` per moved factor out; ``m n`` more per pair for a rule that
+reads ``W0``. The finiteness verdict is one all-reduce over every rank; clipping adds one
+all-reduce over the shard group for the pairs and one for the other parameters.
+
+HSDP (a 2-D mesh, ``(Replicate(), Shard(0))``): ownership is over the shard dimension; each
+replica computes the same steps on gradients that FSDP already averaged over the replicate
+dimension, so norms are summed over the shard group only, and the finiteness verdict is agreed
+over all ranks. Parameters that are not LoRA factors are stepped by the base optimizer on their
+DTensors, as FSDP2 does.
 """
 
 from __future__ import annotations
@@ -28,117 +39,334 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..layout import WRAPPER_KEYS
+from ..engine import finite_flags
+from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
-from .strategy import DistributedStrategy, Materialised
+from .sharded import assign_pairs, pair_costs
+from .strategy import (
+    DistributedStrategy,
+    Materialised,
+    agree_flags,
+    check_ranks_agree,
+    comm_device,
+    owner_state_dict_hooks,
+)
 
-__all__ = ["FSDP2"]
+__all__ = ["ALONE_BYTES", "FSDP2"]
+
+# A tensor this large is gathered by a collective of its own (bandwidth-bound anyway), without a copy.
+ALONE_BYTES = 2**20
+
+State = MutableMapping[Tensor, dict[str, Any]]
 
 
 class FSDP2(DistributedStrategy):
     """The mode for factors sharded by ``fully_shard`` (chosen automatically for DTensor factors).
 
-    All ranks issue the same collectives in the same order: one all-gather per factor, gradient
-    and statistic at each step. Uneven shards and empty shards (``r < world_size``) are handled by
-    DTensor's own chunking.
+    Args:
+        bucket_bytes: the largest whole-tensor payload moved by one ``gather`` or ``scatter``; the
+            flat buffers of a collective hold about this much on the owner.
+        full_state_dict: ``state_dict()`` gathers every pair's statistics to every rank (see
+            :class:`~lowrank_opt.distributed.PairSharded`); for flows that save one rank's state
+            dict for all.
+
+    Factors must be ``(Shard(0),)`` on a 1-D mesh (FSDP2) or ``(Replicate(), Shard(0))`` on a 2-D
+    mesh (HSDP). Uneven and empty shards (``r < world_size``) follow DTensor's chunking.
     """
 
+    def __init__(self, bucket_bytes: int = 25 * 2**20, *, full_state_dict: bool = False) -> None:
+        if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        self.bucket_bytes = bucket_bytes
+        self.full_state_dict = full_state_dict
+        self.owners: list[int] = []
+        self.rank = 0
+        self.shards = 1
+        self._shard_group: dist.ProcessGroup | None = None
+        self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
+        self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
+        self._work_state: dict[Tensor, dict[str, Any]] = {}
+
     def __repr__(self) -> str:
-        return "FSDP2()"
+        return f"FSDP2(bucket_bytes={self.bucket_bytes})"
 
     def setup(
         self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
     ) -> None:
-        sharded = [f for pair in pairs for f in (pair.a, pair.b) if isinstance(f, DTensor)]
-        if not sharded:
+        factors = [f for pair in pairs for f in (pair.a, pair.b)]
+        plain = [f for f in factors if not isinstance(f, DTensor)]
+        if len(plain) == len(factors):
             raise ValueError(
                 "FSDP2: no LoRA factor is a DTensor; call fully_shard on the model before building the optimizer"
             )
-        for factor in sharded:
-            if factor.device_mesh.ndim != 1 or tuple(factor.placements) != (Shard(0),):
+        if plain:
+            raise ValueError(
+                f"FSDP2: {len(plain)} LoRA factors are plain tensors while others are DTensors; apply fully_shard "
+                "to a module that holds every LoRA layer (the root)"
+            )
+        mesh = factors[0].device_mesh  # type: ignore[attr-defined]
+        for factor in factors:
+            placements = tuple(factor.placements)  # type: ignore[attr-defined]
+            if placements not in ((Shard(0),), (Replicate(), Shard(0))):
                 raise ValueError(
-                    f"FSDP2: factors must be sharded as (Shard(0),) on a 1-D mesh, got {tuple(factor.placements)} "
-                    f"on a {factor.device_mesh.ndim}-D mesh"
+                    "FSDP2: factors must be (Shard(0),) on a 1-D mesh or (Replicate(), Shard(0)) on a 2-D mesh, "
+                    f"got {placements}"
                 )
-        self._group = sharded[0].device_mesh.get_group()
+            if factor.device_mesh != mesh:  # type: ignore[attr-defined]
+                raise ValueError("FSDP2: every LoRA factor must be sharded over the same device mesh")
+        check_ranks_agree(pairs, rule, self, None)
+        self._shard_group = mesh.get_group(mesh.ndim - 1)
+        self.rank = dist.get_rank(self._shard_group)
+        self.shards = dist.get_world_size(self._shard_group)
+        self._device = factors[0].device
+        state, cost = pair_costs(pairs, rule, param_group_of)
+        self.owners = assign_pairs(state, cost, self.shards)
+
+    def owns(self, index: int) -> bool:
+        return self.owners[index] == self.rank
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        owner_state_dict_hooks(optimizer, self, self._shard_group, self.full_state_dict)
 
     @contextmanager
-    def materialised(
-        self, pairs: Sequence[LoRAPair], state: MutableMapping[Tensor, dict[str, Any]], with_bases: bool
-    ) -> Iterator[Materialised]:
-        shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole plain Parameter
-        work_state: dict[Tensor, dict[str, Any]] = {}
+    def materialised(self, pairs: Sequence[LoRAPair], state: State, with_bases: bool) -> Iterator[Materialised]:
+        """Owned stepping pairs whole on their owner; a pair whose state does not exist yet whole
+        on every rank (once, at construction: every rank records its basis Grams)."""
+        creating = [i for i, pair in enumerate(pairs) if STEP_KEY not in state[pair.a]]
+        stepping = [i for i, pair in enumerate(pairs) if pair.a.grad is not None]
+        whole: dict[Tensor, Tensor] = {}
+        if creating:
+            for i in creating:
+                for factor in (pairs[i].a, pairs[i].b):
+                    whole[factor] = factor.detach().full_tensor()  # type: ignore[attr-defined]
+        else:
+            wanted = [
+                (self.owners[i], t)
+                for i in stepping
+                for t in self._pair_tensors(pairs[i], with_bases and pairs[i].base_weight is not None)
+            ]
+            whole = self._gather(wanted)
+        shadows: dict[Tensor, nn.Parameter] = {}
         work_pairs = []
         for pair in pairs:
+            a, b = pair.a, pair.b
+            if a in whole:
+                for factor in (a, b):
+                    shadow = self._shadow_of(factor)
+                    shadow.data = whole[factor]
+                    shadow.grad = whole.get(factor.grad) if factor.grad is not None else None
+                    shadows[factor] = shadow
+                a, b = shadows[pair.a], shadows[pair.b]
+            base = whole.get(pair.base_weight, pair.base_weight) if pair.base_weight is not None else None
+            work_pairs.append(replace(pair, a=a, b=b, base_weight=base) if a is not pair.a else pair)
+        # Working and original factors share one state entry: the statistics are the owner's plain
+        # tensors. The dict and the working factors are the same objects at every step, so the
+        # engine's stacked statistics are reused rather than stacked again.
+        work_state = self._work_state
+        work_state.clear()
+        for pair in pairs:
             for factor in (pair.a, pair.b):
-                if not isinstance(factor, DTensor):
-                    work_state[factor] = state[factor]
-                    continue
-                shadow = nn.Parameter(factor.detach().full_tensor())  # type: ignore[attr-defined]
-                if isinstance(factor.grad, DTensor):
-                    shadow.grad = factor.grad.full_tensor()
-                shadows[factor] = shadow
-                work_state[shadow] = {key: _full(value) for key, value in state[factor].items()}
-            base = pair.base_weight
-            if with_bases and isinstance(base, DTensor):
-                base = base.detach().full_tensor()  # type: ignore[attr-defined]
-            a, b = (shadows.get(f, f) for f in (pair.a, pair.b))
-            work_pairs.append(replace(pair, a=a, b=b, base_weight=base))
-        originals: dict[Tensor, Tensor] = {shadow: factor for factor, shadow in shadows.items()}
-        yield Materialised(work_pairs, work_state, originals)
-        with torch.no_grad():
-            for factor, shadow in shadows.items():
-                assert isinstance(factor, DTensor)
-                factor.to_local().copy_(_shard(shadow.detach(), factor))
-                if isinstance(factor.grad, DTensor) and shadow.grad is not None:
-                    factor.grad.to_local().copy_(_shard(shadow.grad, factor))
-                state[factor] = {
-                    key: value if key in WRAPPER_KEYS else _shard_statistic(value, factor)
-                    for key, value in work_state[shadow].items()
-                }
+                work_state[shadows.get(factor, factor)] = state[factor]
+        self._shadows = shadows
+        try:
+            yield Materialised(work_pairs, work_state, {shadow: factor for factor, shadow in shadows.items()})
+            with torch.no_grad():  # this rank's rows of its own pairs' gradients (clip_grad_norm_ scales them)
+                for factor, shadow in shadows.items():
+                    if shadow.grad is not None and isinstance(factor.grad, DTensor):
+                        factor.grad.to_local().copy_(self._rows_of(shadow.grad, self.rank))
+        finally:
+            for shadow in shadows.values():  # the whole copies go; the objects stay for the next step
+                shadow.grad = None
+                shadow.data = shadow.data.new_empty(0)
+            work_state.clear()
+            self._shadows = {}
+
+    def _shadow_of(self, factor: Tensor) -> nn.Parameter:
+        """The working factor that stands for the DTensor ``factor`` at every step (empty between steps)."""
+        shadow = self._working.get(factor)
+        if shadow is None:
+            shadow = self._working[factor] = nn.Parameter(torch.empty(0, dtype=factor.dtype, device=factor.device))
+        return shadow
+
+    def record_moved(self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, str]], state: State) -> None:
+        """Scatter each moved factor's rows from its owner, with its new basis Gram, bucketed."""
+        originals = {shadow: factor for factor, shadow in self._shadows.items()}
+        sends: list[tuple[int, Tensor, Tensor | None]] = []  # (owner, original DTensor, whole on the owner)
+        for i, side in moved:
+            work = getattr(pairs[i], side)
+            if self.owns(i):
+                sends.append((self.owners[i], originals[work], work.detach()))
+            else:
+                sends.append((self.owners[i], work, None))
+        grams = [state[getattr(pairs[i], side)] for i, side in moved]
+        self._scatter(sends, grams)
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
-        flags = [torch.isfinite(_local(g)).all() for g in grads]
-        agreed = self._agree(flags, grads, dist.ReduceOp.MIN, torch.int32)
-        return torch.stack(agreed) if agreed else torch.ones(0, dtype=torch.bool)
+        """Checked on this rank's pieces (whole gradients of owned pairs, local shards of the
+        rest), agreed over every rank with one all-reduce: the verdict is the whole tensors'."""
+        return agree_flags(finite_flags([_local(g) for g in grads]), None)
+
+    def reduce_pair_squares(self, local: Tensor) -> Tensor:
+        total = local.to(comm_device(self._shard_group), torch.float64, copy=True)
+        dist.all_reduce(total, group=self._shard_group)
+        return total.to(local.device)
 
     def squared_norm(self, grads: Sequence[Tensor]) -> Tensor:
-        squares = self._agree(
-            [_local(g).double().square().sum() for g in grads], grads, dist.ReduceOp.SUM, torch.float64
-        )
-        return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+        """Local shards' squares summed over the shard group for DTensors; plain (replicated) gradients as they are."""
+        sharded = [_local(g).double().square().sum() for g in grads if isinstance(g, DTensor)]
+        plain = [g.double().square().sum() for g in grads if not isinstance(g, DTensor)]
+        total = torch.zeros((), dtype=torch.float64, device=comm_device(self._shard_group))
+        if sharded:
+            total += torch.stack(sharded).sum().to(total.device)
+            dist.all_reduce(total, group=self._shard_group)
+        if plain:
+            total += torch.stack(plain).sum().to(total.device)
+        return total.to(self._device)
 
-    def _agree(self, values: list[Tensor], grads: Sequence[Tensor], op: Any, dtype: torch.dtype) -> list[Tensor]:
-        """One all-reduce combines the per-shard ``values`` of the DTensor ``grads`` into whole-tensor ones."""
-        sharded = [i for i, g in enumerate(grads) if isinstance(g, DTensor)]
-        if not sharded:
-            return values
-        stacked = torch.stack([values[i].to(dtype) for i in sharded])
-        dist.all_reduce(stacked, op=op, group=self._group)
-        out = list(values)
-        for j, i in enumerate(sharded):
-            out[i] = stacked[j].to(values[i].dtype)
+    # ---------------------------------------------------------------- moving rows
+    @staticmethod
+    def _pair_tensors(pair: LoRAPair, with_base: bool) -> list[Tensor]:
+        tensors = [pair.a, pair.b, pair.a.grad, pair.b.grad]
+        if with_base:
+            tensors.append(pair.base_weight)
+        return [t for t in tensors if isinstance(t, DTensor)]
+
+    def _rows(self, dim0: int, rank: int) -> tuple[int, int]:
+        """``(start, count)`` of ``rank``'s rows of a first dimension ``dim0`` (DTensor's ``torch.chunk`` split)."""
+        chunk = -(-dim0 // self.shards)
+        start = min(rank * chunk, dim0)
+        return start, min(chunk, dim0 - start)
+
+    def _rows_of(self, whole: Tensor, rank: int) -> Tensor:
+        start, count = self._rows(whole.shape[0], rank)
+        return whole.narrow(0, start, count)
+
+    def _padded(self, t: Tensor) -> int:
+        """Elements one rank sends or receives for ``t``: its largest shard."""
+        rows = t.shape[0]
+        return -(-rows // self.shards) * (t.numel() // max(rows, 1))
+
+    def _buckets(self, items: Sequence[tuple[int, Tensor]]) -> list[list[tuple[int, Tensor]]]:
+        """``(owner, tensor)`` items in order, cut where the whole tensors exceed ``bucket_bytes``."""
+        buckets: list[list[tuple[int, Tensor]]] = [[]]
+        filled = 0
+        for item in items:
+            nbytes = item[1].numel() * item[1].element_size()
+            if buckets[-1] and filled + nbytes > self.bucket_bytes:
+                buckets.append([])
+                filled = 0
+            buckets[-1].append(item)
+            filled += nbytes
+        return buckets
+
+    def _gather(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
+        """Whole copies of DTensors ``(owner, dtensor)`` on their owners: one ``gather`` per owner
+        and dtype in each bucket, the next one in flight while the last one is unpacked (at most
+        two collectives' buffers alive). A tensor of at least :data:`ALONE_BYTES` is gathered on
+        its own, straight into its whole copy (DTensor's shards pad only at the end, so the ranks'
+        padded pieces laid end to end are the whole tensor): no second copy of a large base weight.
+        Returns this rank's whole tensors, keyed by the DTensor."""
+        out: dict[Tensor, Tensor] = {}
+        device = comm_device(self._shard_group)
+        calls: list[tuple[int, list[Tensor]]] = []
+        for bucket in self._buckets(items):
+            by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+            for owner, t in bucket:
+                if t.numel() * t.element_size() >= ALONE_BYTES:
+                    calls.append((owner, [t]))
+                else:
+                    by_key.setdefault((owner, t.dtype), []).append(t)
+            calls += [(owner, tensors) for (owner, _), tensors in by_key.items()]
+        in_flight: list[tuple[Any, Tensor | None, list[int], list[Tensor]]] = []
+        for owner, tensors in calls:
+            sizes = [self._padded(t) for t in tensors]
+            send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=device)
+            for t, piece in zip(tensors, send.split(sizes)):
+                local = _local(t).detach().reshape(-1)
+                piece[: local.numel()].copy_(local)
+            # The ranks' pieces land end to end in one buffer.
+            buffer = (
+                torch.empty(self.shards * send.numel(), dtype=send.dtype, device=device) if owner == self.rank else None
+            )
+            received = list(buffer.split(send.numel())) if buffer is not None else None
+            work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
+            in_flight.append((work, buffer, sizes, tensors))
+            if len(in_flight) > 1:
+                self._unpack(*in_flight.pop(0), out)
+        for call in in_flight:
+            self._unpack(*call, out)
         return out
+
+    def _unpack(
+        self,
+        work: Any,
+        buffer: Tensor | None,
+        sizes: list[int],
+        tensors: list[Tensor],
+        out: dict[Tensor, Tensor],
+    ) -> None:
+        """Wait for one gather and, on its owner, assemble each whole tensor from the ranks' rows."""
+        work.wait()
+        if buffer is None:
+            return
+        if len(tensors) == 1:  # one tensor: the buffer is already the whole, padded at the end
+            t = tensors[0]
+            out[t] = buffer[: t.numel()].view(t.shape).to(t.device)
+            return
+        pieces = [flat.split(sizes) for flat in buffer.split(sum(sizes))]
+        for k, t in enumerate(tensors):
+            row = t.numel() // max(t.shape[0], 1)
+            parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
+            out[t] = torch.cat(parts).view(t.shape).to(t.device)
+
+    def _scatter(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
+        """Each moved factor's rows from its owner into every rank's shard, and its new basis Gram
+        (``entries[k][BASIS_GRAM_KEY]``, ``r x r``) into every rank's state: one ``scatter`` per
+        owner and dtype in each bucket."""
+        device = comm_device(self._shard_group)
+        indexed = [(owner, original) for owner, original, _ in sends]
+        position = {id(original): k for k, (_, original) in enumerate(indexed)}
+        for bucket in self._buckets(indexed):
+            calls: dict[tuple[int, torch.dtype], list[tuple[int, bool]]] = {}  # -> (send index, is the Gram)
+            for owner, original in bucket:
+                k = position[id(original)]
+                gram = entries[k][BASIS_GRAM_KEY]
+                calls.setdefault((owner, original.dtype), []).append((k, False))
+                calls.setdefault((owner, gram.dtype), []).append((k, True))
+            for (owner, dtype), members in calls.items():
+                sizes = [
+                    entries[k][BASIS_GRAM_KEY].numel() if is_gram else self._padded(sends[k][1])
+                    for k, is_gram in members
+                ]
+                received = torch.empty(sum(sizes), dtype=dtype, device=device)
+                chunks = None
+                if owner == self.rank:
+                    chunks = []
+                    for j in range(self.shards):
+                        flat = torch.zeros_like(received)
+                        for (k, is_gram), piece in zip(members, flat.split(sizes)):
+                            whole = sends[k][2]
+                            assert whole is not None  # this rank owns the pair
+                            value = entries[k][BASIS_GRAM_KEY] if is_gram else self._rows_of(whole, j)
+                            piece[: value.numel()].copy_(value.reshape(-1))
+                        chunks.append(flat)
+                dist.scatter(received, chunks, group=self._shard_group, group_src=owner)
+                with torch.no_grad():
+                    for (k, is_gram), piece in zip(members, received.split(sizes)):
+                        original = sends[k][1]
+                        if is_gram:
+                            if owner != self.rank:
+                                entry = entries[k]
+                                entry[BASIS_GRAM_KEY] = piece.view_as(entry[BASIS_GRAM_KEY]).to(
+                                    entry[BASIS_GRAM_KEY].device, copy=True
+                                )
+                            continue
+                        local = _local(original)
+                        local.copy_(piece[: local.numel()].view_as(local))
 
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _full(value: Any) -> Any:
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def _shard(full: Tensor, like: DTensor) -> Tensor:
-    """This rank's piece of ``full`` under ``like``'s sharding (slicing only: every rank holds ``full``)."""
-    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None).to_local()
-
-
-def _shard_statistic(value: Any, factor: DTensor) -> Any:
-    """A statistic with dimensions becomes a ``Shard(0)`` DTensor on the factor's mesh; scalars stay plain."""
-    if not isinstance(value, Tensor) or isinstance(value, DTensor) or value.ndim == 0:
-        return value
-    return distribute_tensor(value.detach(), factor.device_mesh, [Shard(0)], src_data_rank=None)

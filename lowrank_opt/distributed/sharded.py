@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..engine import finite_flags
 from ..linalg import compute_dtype
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule, Context, Switches
 from ..views import build_view
-from .strategy import DistributedStrategy
+from .strategy import DistributedStrategy, agree_flags, check_ranks_agree, owner_state_dict_hooks
 
 __all__ = ["PairSharded", "assign_pairs", "pair_costs"]
 
@@ -88,23 +89,36 @@ class PairSharded(DistributedStrategy):
     Args:
         process_group: the group to shard over (default: the whole world).
         bucket_bytes: largest flat buffer broadcast at once when the moved factors are synchronised.
+        full_state_dict: ``state_dict()`` gathers every pair's statistics to every rank, for flows
+            that save one rank's state dict for all (accelerate's ``save_state``); the default
+            keeps each rank's own, which ``torch.distributed.checkpoint`` wants. Loading a state
+            dict that lacks this rank's statistics raises on every rank (:func:`owner_state_dict_hooks`).
 
     Per rank, LoRA statistics fall to about ``1 / world_size`` of the replicated mode's, and so
     does the step's compute; after each step every rank receives the factors that moved (one
-    factor per pair with the alternating schedule), ``sum r (m or n)`` elements in all. Clipping
-    adds one all-reduce of a float64 scalar.
+    factor per pair with the alternating schedule), ``sum r (m or n)`` elements in all. The
+    finiteness verdict is agreed with one all-reduce of one int32 per gradient; clipping adds one
+    all-reduce of a float64 scalar.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, bucket_bytes: int = 25 * 2**20) -> None:
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        bucket_bytes: int = 25 * 2**20,
+        *,
+        full_state_dict: bool = False,
+    ) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
         self.group = process_group
         self.bucket_bytes = bucket_bytes
+        self.full_state_dict = full_state_dict
         self.owners: list[int] = []
         self.rank = 0
 
     def __repr__(self) -> str:
-        return f"PairSharded(world_size={dist.get_world_size(self.group) if self.owners else '?'})"
+        world = dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else "?"
+        return f"PairSharded(world_size={world})"
 
     def setup(
         self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
@@ -112,12 +126,20 @@ class PairSharded(DistributedStrategy):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("PairSharded needs an initialised torch.distributed process group (init_process_group)")
         self.rank = dist.get_rank(self.group)
+        check_ranks_agree(pairs, rule, self, self.group)
         state, cost = pair_costs(pairs, rule, param_group_of)
         self.owners = assign_pairs(state, cost, dist.get_world_size(self.group))
         self._device = pairs[0].a.device
 
     def owns(self, index: int) -> bool:
         return self.owners[index] == self.rank
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        owner_state_dict_hooks(optimizer, self, self.group, self.full_state_dict)
+
+    def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
+        """Checked on this rank's gradients, agreed over the group (one all-reduce)."""
+        return agree_flags(finite_flags(grads), self.group)
 
     def reduce_pair_squares(self, local: Tensor) -> Tensor:
         total = local.to(self._device, torch.float64, copy=True)

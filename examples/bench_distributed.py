@@ -1,0 +1,266 @@
+"""Per-rank optimizer memory, communication and step time of every distributed mode (gloo, CPU).
+
+A model of 24 LoRA layers (256..1024 wide, r = 8, frozen base weights), trained on 2 and on 4
+gloo processes in each mode (replicated under DDP, pair-sharded under DDP, FSDP2 owner-computes),
+with LoFT-AdamW and LoFT-Adafactor (which reads the base weights). For each rank and step:
+
+* ``state``: bytes of optimizer state the rank holds (local shards of DTensors);
+* ``in-step peak``: the most bytes allocated at once during ``optimizer.step()`` on top of what
+  existed before it (every tensor a step allocates is recorded by a dispatch mode; CPU);
+* ``total``: state plus in-step peak, the optimizer's share of the rank's memory;
+* ``sent`` and ``collectives``: bytes this rank passes to ``torch.distributed`` collectives
+  during ``step()`` (all-reduce and broadcast: the tensor; all-gather and gather: its input;
+  scatter: the piece it receives), and their number. DDP's and FSDP's own gradient reductions
+  happen in ``backward()`` and are not counted;
+* ``ms/step``: the median of ``--steps`` timed steps (2 CPU threads shared by all ranks, so
+  compare modes within one world size).
+
+The targets of the issue are checked at the end:
+
+* FSDP2's in-step peak per rank at most 1.5 x (its state share + its largest gathered bucket);
+* FSDP2's total per rank on 4 ranks below 0.6 x that on 2 ranks;
+* FSDP2's time per step on 2 ranks below the replicated mode's.
+
+    python examples/bench_distributed.py
+    python examples/bench_distributed.py --worlds '[2]' --steps 5
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from jsonargparse import CLI
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowrank_opt as lo
+
+# (in, out) of the 24 layers; every layer r = 8.
+SHAPES = [(256, 256), (256, 512), (512, 1024), (1024, 512), (512, 256), (1024, 1024)] * 4
+RANK = 8
+MODES = ("replicated", "sharded", "fsdp2")
+RULES: dict[str, tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer]]] = {
+    "adamw": ("loft_adamw", lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)),
+    "adafactor": ("loft_adafactor", lambda params: torch.optim.Adafactor(params, lr=3e-3)),
+}
+
+
+class Layers(nn.Module):
+    """24 independent LoRA layers, each on its own input: the step sees 24 pairs of 6 shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(lo.LoRALinear(nn.Linear(i, o, bias=False), RANK, alpha=16) for i, o in SHAPES)
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return sum(layer(x).square().mean() for layer, x in zip(self.layers, xs))  # type: ignore[return-value]
+
+
+class AllocationPeak(TorchDispatchMode):
+    """Peak bytes of the storages allocated while active (outputs that are not views of an input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in _tensors([args, list((kwargs or {}).values())])}
+        for t in _tensors([out]):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def _tensors(values: Any) -> list[Tensor]:
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _tensors(v)]
+    return []
+
+
+class CommCounter:
+    """Counts the bytes this rank passes to ``torch.distributed`` collectives while active."""
+
+    SENT: dict[str, Callable[[tuple, dict], int]] = {
+        "all_reduce": lambda a, k: _nbytes(a[0]),
+        "broadcast": lambda a, k: _nbytes(a[0]),
+        "all_gather": lambda a, k: _nbytes(a[1]),
+        "gather": lambda a, k: _nbytes(a[0]),
+        "scatter": lambda a, k: _nbytes(a[0]),
+        "all_gather_object": lambda a, k: 0,
+    }
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+        self._saved: dict[str, Callable[..., Any]] = {}
+
+    def __enter__(self) -> CommCounter:
+        for name, size in self.SENT.items():
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def counted(*args: Any, _original: Callable[..., Any] = original, _size=size, **kwargs: Any) -> Any:
+                self.bytes += _size(args, kwargs)
+                self.calls += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _build(mode: str, rule: str) -> tuple[nn.Module, lo.LowRankWrapper]:
+    layers = Layers()
+    net: nn.Module = layers
+    strategy: lo.distributed.DistributedStrategy | None = None
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers.layers:
+            fully_shard(layer)
+        fully_shard(net)
+    else:
+        net = nn.parallel.DistributedDataParallel(net)
+        strategy = lo.distributed.PairSharded() if mode == "sharded" else lo.distributed.Replicated()
+    name, make = RULES[rule]
+    base = make([p for p in net.parameters() if p.requires_grad])
+    return net, lo.LowRankWrapper(base, net, rule=name, distributed=strategy, advice=False)
+
+
+def _gathered_bytes(opt: lo.LowRankWrapper) -> int:
+    """Whole factors and gradients (and base weights, for a rule that reads them) of the pairs
+    this rank steps: what FSDP2 gathers to it in one step, its largest bucket at the default size."""
+    total = 0
+    for i, pair in enumerate(opt.pairs):
+        if opt.distributed.owns(i):
+            total += 2 * (_nbytes(pair.a) + _nbytes(pair.b))
+            if opt.rule.reads_base_weight and pair.base_weight is not None:
+                total += _nbytes(pair.base_weight)
+    return total
+
+
+def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    try:
+        for rule in RULES:
+            for mode in MODES:
+                results[rule, mode] = _measure(mode, rule, rank, steps)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(mode: str, rule: str, rank: int, steps: int) -> dict[str, float]:
+    net, opt = _build(mode, rule)
+    gen = torch.Generator().manual_seed(rank)
+    xs = [torch.randn(4, i, generator=gen) for i, _ in SHAPES]
+    times, peak, sent, calls = [], 0, 0, 0
+    for step in range(steps + 2):  # step 0 warms up; step 1, untimed, measures memory and communication
+        opt.zero_grad()
+        net(xs).backward()
+        dist.barrier()
+        if step == 1:
+            with torch.no_grad(), AllocationPeak() as tracker, CommCounter() as counter:
+                opt.step()
+            peak, sent, calls = tracker.peak, counter.bytes, counter.calls
+            continue
+        start = time.perf_counter()
+        opt.step()
+        if step > 1:
+            times.append(time.perf_counter() - start)
+    state = lo.distributed.state_bytes(opt)
+    return {
+        "state": state,
+        "peak": peak,
+        "total": state + peak,
+        "sent": sent,
+        "calls": calls,
+        "ms": 1e3 * statistics.median(times),
+        "gathered": _gathered_bytes(opt) if mode == "fsdp2" else 0,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(worlds: list[int] = [2, 4], steps: int = 5) -> None:  # noqa: B006 (jsonargparse reads the signature)
+    """Run every mode and rule on each world size of ``worlds``; print the table and the targets."""
+    by_world: dict[int, list[dict[tuple[str, str], dict[str, float]]]] = {}
+    for world in worlds:
+        with tempfile.TemporaryDirectory() as out:
+            mp.spawn(_worker, args=(world, _free_port(), out, steps), nprocs=world, join=True)
+            by_world[world] = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
+    mib = 2**20
+    print(f"{len(SHAPES)} pairs (256..1024, r = {RANK}); max over ranks, MiB unless stated")
+    header = f"{'world':>5} {'rule':>9} {'mode':>10} {'state':>7} {'in-step peak':>12} {'total':>7} {'sent':>7} {'collectives':>11} {'ms/step':>8}"
+    print(header)
+    for world, ranks in by_world.items():
+        for rule in RULES:
+            for mode in MODES:
+                rows = [r[rule, mode] for r in ranks]
+                worst = {k: max(row[k] for row in rows) for k in rows[0]}
+                print(
+                    f"{world:>5} {rule:>9} {mode:>10} {worst['state'] / mib:7.2f} {worst['peak'] / mib:12.2f} "
+                    f"{worst['total'] / mib:7.2f} {worst['sent'] / mib:7.2f} {int(worst['calls']):>11} {worst['ms']:8.1f}"
+                )
+    print()
+    for rule in RULES:
+        for world, ranks in by_world.items():
+            rows = [r[rule, "fsdp2"] for r in ranks]
+            bound = max(1.5 * (row["state"] + row["gathered"]) for row in rows)
+            peak = max(row["peak"] for row in rows)
+            verdict = "met" if peak <= bound else "missed"
+            print(
+                f"{rule}, {world} ranks: FSDP2 in-step peak {peak / mib:.2f} MiB <= 1.5 x (state + largest bucket) "
+                f"= {bound / mib:.2f} MiB: {verdict}"
+            )
+        if 2 in by_world and 4 in by_world:
+            two, four = (max(r[rule, "fsdp2"]["total"] for r in by_world[w]) for w in (2, 4))
+            verdict = "met" if four < 0.6 * two else "missed"
+            print(f"{rule}: FSDP2 total per rank, 4 ranks / 2 ranks = {four / two:.2f} (< 0.6): {verdict}")
+        if 2 in by_world:
+            fsdp2, replicated = (max(r[rule, m]["ms"] for r in by_world[2]) for m in ("fsdp2", "replicated"))
+            verdict = "met" if fsdp2 < replicated else "missed"
+            print(f"{rule}: 2 ranks, FSDP2 {fsdp2:.1f} ms/step vs replicated {replicated:.1f}: {verdict}")
+
+
+if __name__ == "__main__":
+    CLI(main)
