@@ -53,16 +53,17 @@ def test_similarity_known_answers() -> None:
 
 def test_full_rank_loft_moves_the_weight_as_full_fine_tuning_does(tmp_path: Path) -> None:
     # m = n = r, float64: LoFT-AdamW reproduces dense AdamW step for step, so its delta W is full
-    # fine-tuning's up to rounding; plain LoRA-AdamW's is not.
+    # fine-tuning's up to rounding; plain LoRA-AdamW's is not. At lr 0.03 the factors stay within
+    # the conditioning the rank tolerance resolves (cond(F) below about 1e3).
     config = f"""
 task: {{class_path: tasks.MatrixFactorization, init_args: {{d_in: 16, d_out: 16, target_rank: 16, dtype: float64}}}}
 steps: 20
 seeds: [0, 1]
 paired: [[loft, lora]]
 runs:
-  - {{name: full, mode: full, optimizer: {ADAMW}, lr: 0.1}}
-  - {{name: lora, mode: lora, rank: 16, optimizer: {ADAMW}, lr: 0.1}}
-  - {{name: loft, mode: lowrank, rank: 16, optimizer: {ADAMW}, lr: 0.1}}
+  - {{name: full, mode: full, optimizer: {ADAMW}, lr: 0.03}}
+  - {{name: lora, mode: lora, rank: 16, optimizer: {ADAMW}, lr: 0.03}}
+  - {{name: loft, mode: lowrank, rank: 16, optimizer: {ADAMW}, lr: 0.03}}
 """
     assert _run(tmp_path, config) == 0
     out = tmp_path / "out"
