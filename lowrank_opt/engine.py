@@ -26,7 +26,7 @@ strategies decide what that is.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -241,21 +241,15 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
     return flags
 
 
-def check_inputs(
-    groups: Sequence[Group],
-    grad_flags: Tensor,
-    describe: Callable[[int], str],
-    store: GroupStore,
-    config: StepConfig,
-) -> None:
+def check_inputs(groups: Sequence[Group], grad_flags: Tensor, store: GroupStore, config: StepConfig) -> list[int]:
     """One host sync: every gradient finite, the factors as this optimizer left them, and which
-    bases need the minimum-norm inverse.
+    bases need the minimum-norm inverse. Returns the indices of the non-finite gradients.
 
-    ``grad_flags`` (bool, one per gradient of the step) say which gradients are finite;
-    ``describe(i)`` names the ``i``-th. A non-finite gradient raises before any state changes. A
-    factor changed outside the optimizer (loaded, merged, edited) leaves its partner's statistics
-    in a stale basis; they cannot be re-based without the old factor, so they are reset with a
-    warning. A side whose Grams may be numerically rank-deficient gets the pseudo-inverse
+    ``grad_flags`` (bool, one per gradient of the step) say which gradients are finite. When one
+    is not, nothing is changed and its index is returned (the caller raises or skips the step).
+    Otherwise: a factor changed outside the optimizer (loaded, merged, edited) leaves its partner's
+    statistics in a stale basis; they cannot be re-based without the old factor, so they are reset
+    with a warning. A side whose Grams may be numerically rank-deficient gets the pseudo-inverse
     (docs/math.md section 11); every other keeps the cheaper inverse from the damped Cholesky factor.
     """
     flags: list[Tensor] = [grad_flags]
@@ -269,9 +263,9 @@ def check_inputs(
             flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
             flags.append(~group.deficient[side])
     host = torch.cat([f.to(flags[0].device, torch.bool) for f in flags]).cpu().tolist()
-    for i, ok in enumerate(host[:grads_checked]):
-        if not ok:
-            raise ValueError(f"non-finite gradient in {describe(i)}; no state was changed")
+    bad = [i for i, ok in enumerate(host[:grads_checked]) if not ok]
+    if bad:
+        return bad
     position = grads_checked
     for group in groups:
         size = len(group.pairs)
@@ -282,6 +276,7 @@ def check_inputs(
             if not all(host[position + size : position + 2 * size]):
                 _resolve_rank(group, side, config)
             position += 2 * size
+    return []
 
 
 def _reset_after_outside_change(group: Group, member: int, side: Side, state: State, rule: CalibrationRule) -> None:
@@ -297,6 +292,58 @@ def _reset_after_outside_change(group: Group, member: int, side: Side, state: St
         if kind is not StateKind.FULL_SPACE and isinstance(entry.get(key), Tensor):
             entry[key].zero_()
     state[_factor(pair, partner)][BASIS_GRAM_KEY].copy_(group.views[side].gram[member])
+
+
+@dataclass
+class Snapshot:
+    """Copies of what a step may change, taken once its checks passed: if anything raises later
+    (a base optimizer's own step, an undeclared state key), :meth:`restore` puts back the factors,
+    their statistics and stored Grams, and the other parameters, their gradients and base state.
+
+    A group's factors and statistics are copied as stacked tensors (one copy each), so the cost is
+    a few kernels per group and one pass over the state, not a Python loop over tensors."""
+
+    tensors: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)  # (live tensors, stacked copy)
+    entries: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (live, shallow copy)
+    absent: list[tuple[MutableMapping[Tensor, Any], Tensor]] = field(default_factory=list)  # (state, parameter)
+
+    @staticmethod
+    def take(
+        groups: Sequence[Group], store: GroupStore, config: StepConfig, others: Sequence[Tensor], base: Optimizer
+    ) -> Snapshot:
+        snapshot = Snapshot()
+        for group in groups:
+            for side in SIDES:
+                params = group.params(side)
+                snapshot.tensors.append((params, torch.stack(params)))
+                if config.rule.uses_base_step:
+                    stats = _base_statistics(store, params)
+                else:
+                    stats = store.statistics(params, list(config.rule.state_kinds()))
+                for stacked in (*stats.values(), store.stacked(params, BASIS_GRAM_KEY)):
+                    snapshot.tensors.append((list(stacked.unbind(0)), stacked.clone()))
+                snapshot.entries += [(store.state[p], dict(store.state[p])) for p in params]
+        for p in others:
+            copies = [p.detach()] + ([p.grad] if p.grad is not None else [])
+            snapshot.tensors += [([t], t.clone()[None]) for t in copies]
+            entry = base.state.get(p)
+            if entry is None:
+                snapshot.absent.append((base.state, p))  # a first step would create it
+            else:
+                saved = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+                snapshot.entries.append((entry, saved))
+        return snapshot
+
+    def restore(self) -> None:
+        """Every entry as it was (the same tensor objects), then every copied value."""
+        for live, saved in self.entries:
+            live.clear()
+            live.update(saved)
+        for state, p in self.absent:
+            state.pop(p, None)
+        with torch.no_grad():
+            for live_tensors, copy in self.tensors:
+                torch._foreach_copy_([t.detach() for t in live_tensors], list(copy.unbind(0)))
 
 
 def pair_sq_norms(group: Group, full_space: bool) -> Tensor:

@@ -31,6 +31,7 @@ from .views import SIDES, Side, build_view
 __all__ = [
     "STATE_VERSION",
     "VERSION_KEY",
+    "IDENTITY_KEY",
     "STEP_KEY",
     "BASIS_GRAM_KEY",
     "WRAPPER_KEYS",
@@ -44,6 +45,7 @@ __all__ = [
 
 STATE_VERSION = 2
 VERSION_KEY = "lowrank_opt_version"
+IDENTITY_KEY = "lowrank_opt_rule"  # "<rule>/<base optimizer class>": what wrote the statistics
 STEP_KEY = "lowrank_step"
 BASIS_GRAM_KEY = "lowrank_basis_gram"
 WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
@@ -128,16 +130,24 @@ def plan_load(
     pairs: Sequence[LoRAPair],
     live_state: Mapping[Tensor, Mapping[str, Any]],
     owns: Callable[[int], bool],
+    identity: str,
 ) -> LoadPlan:
     """Check a whole checkpoint from ``state_dict()`` against the live optimizer before anything changes.
 
-    Raises ``ValueError`` naming the first mismatch: version, param groups, a factor without the
-    wrapper's keys, a statistic missing (a checkpoint of another rule) or of another shape (another
-    rank), or step counters that differ between the two factors of a pair.
+    Raises ``ValueError`` naming the first mismatch: version, the rule and base optimizer that wrote
+    it (``identity``), param groups, a factor without the wrapper's keys, a statistic missing (a
+    checkpoint of another rule), of another shape (another rank) or not finite, or step counters
+    that are negative or differ between the two factors of a pair.
     """
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"state dict lacks {key!r}: not a state dict from LowRankWrapper.state_dict()")
     version = state_dict.get(VERSION_KEY, STATE_VERSION)
     if version not in (1, STATE_VERSION):
         raise ValueError(f"state dict version {version!r} is not supported (expected {STATE_VERSION})")
+    saved_identity = state_dict.get(IDENTITY_KEY, identity)
+    if saved_identity != identity:
+        raise ValueError(f"state dict was written by {saved_identity!r}; this optimizer is {identity!r}")
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(param_groups):
         raise ValueError(f"state dict has {len(saved_groups)} param groups, the optimizer has {len(param_groups)}")
@@ -176,7 +186,12 @@ def plan_load(
                     raise ValueError(
                         f"{label}, factor {side}: saved {key!r} is {tuple(entry[key].shape)}, expected {tuple(value.shape)}"
                     )
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{label}, factor {side}: saved {key!r} is not finite")
             steps.append(int(entry[STEP_KEY]))
+            if steps[-1] < 0:
+                raise ValueError(f"{label}, factor {side}: saved {STEP_KEY} is {steps[-1]}, a count of steps")
             keep = entry if owns(index) else {key: entry[key] for key in WRAPPER_KEYS}
             device = factor.device
             loaded = {

@@ -10,6 +10,7 @@ core never imports a plugin by name. A package adds a rule with, in its ``pyproj
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -25,12 +26,23 @@ ENTRY_POINT_GROUP = "lowrank_opt.rules"
 
 @functools.cache
 def available_rules() -> Mapping[str, type[CalibrationRule]]:
-    """Every registered rule class, by entry-point name."""
+    """Every registered rule class, by entry-point name.
+
+    An entry point that fails to import, or names something that is not a rule, is skipped with a
+    warning naming it: one broken plugin does not take the other rules down with it."""
     rules: dict[str, type[CalibrationRule]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as err:  # noqa: BLE001 - any failure of a third-party import is reported, not raised
+            warnings.warn(f"rule {ep.name!r} ({ep.value}) could not be loaded and is skipped: {err!r}", stacklevel=2)
+            continue
         if not (isinstance(cls, type) and issubclass(cls, CalibrationRule)):
-            raise TypeError(f"entry point {ep.name!r} of {ENTRY_POINT_GROUP!r} is not a CalibrationRule subclass")
+            warnings.warn(
+                f"rule {ep.name!r} ({ep.value}) of {ENTRY_POINT_GROUP!r} is not a CalibrationRule subclass and is skipped",
+                stacklevel=2,
+            )
+            continue
         rules[ep.name] = cls
     return rules
 

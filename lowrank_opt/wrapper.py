@@ -8,6 +8,7 @@ the split of work between ranks to a :mod:`lowrank_opt.distributed` strategy.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from .distributed import (
 from .engine import (
     Group,
     GroupStore,
+    Snapshot,
     StepConfig,
     check_inputs,
     clip_coefficient,
@@ -37,7 +39,7 @@ from .engine import (
     stepping_pairs,
     steps_done,
 )
-from .layout import STATE_VERSION, STEP_KEY, VERSION_KEY, create_state, plan_load
+from .layout import IDENTITY_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, create_state, plan_load
 from .pairs import LoRAPair, find_lora_pairs
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
@@ -88,6 +90,9 @@ class LowRankWrapper(Optimizer):
             or ``"base"`` (leave its parameters to the base optimizer, with one warning).
         advice: warn (:class:`~lowrank_opt.LowRankAdviceWarning`, once each) about settings measured
             to work badly, such as Adafactor's default learning rate under ``loft_adafactor``.
+        nonfinite: a step with a non-finite gradient ``"raise"``\ s ``ValueError`` naming it, or is
+            ``"skip"``\ ped whole (counted in ``skipped_steps``, with a warning); either way nothing
+            changes, on every rank.
         balance: after every step, rescale each pair to ``(c B, A / c)`` with ``c`` a power of two
             that keeps ``||A|| / ||B||`` within a factor 2 of 1: ``s B A`` and its trajectory are
             unchanged, and neither factor drifts large while the other shrinks.
@@ -118,6 +123,7 @@ class LowRankWrapper(Optimizer):
         unsupported: Literal["error", "base"] = "error",
         advice: bool = True,
         balance: bool = True,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
             raise ValueError(
@@ -125,6 +131,8 @@ class LowRankWrapper(Optimizer):
             )
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if distributed is not None and not isinstance(distributed, DistributedStrategy):
             raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
         refuse_unsupported_wrappers(model_or_pairs)
@@ -147,6 +155,7 @@ class LowRankWrapper(Optimizer):
         self.base, self.param_groups, self.state = base_optimizer, base_optimizer.param_groups, base_optimizer.state
         self.pairs, self.config, self.max_grad_norm = pairs, config, max_grad_norm
         self.last_grad_norm: Tensor | None = None
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         self._store: GroupStore | None = None
         group_of = self._param_group_of()
         for i, pair in enumerate(pairs):
@@ -269,16 +278,18 @@ class LowRankWrapper(Optimizer):
         """The base optimizer's state dict, with the factors' statistics and counters, versioned."""
         state_dict = super().state_dict()
         state_dict[VERSION_KEY] = STATE_VERSION
+        state_dict[IDENTITY_KEY] = self._identity
         return state_dict
+
+    @property
+    def _identity(self) -> str:
+        return f"{self.rule.name}/{type(self.base).__name__}"
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`; checked whole before anything changes."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        for key in ("state", "param_groups"):
-            if key not in state_dict:
-                raise ValueError(f"state dict lacks {key!r}: not a state dict from LowRankWrapper.state_dict()")
-        plan = plan_load(state_dict, self.param_groups, self.pairs, self.state, self.distributed.owns)
+        plan = plan_load(state_dict, self.param_groups, self.pairs, self.state, self.distributed.owns, self._identity)
         self.base.load_state_dict(plan.base_state_dict)
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self.state.update(plan.factor_entries)
@@ -292,6 +303,10 @@ class LowRankWrapper(Optimizer):
         done = steps_done(work.pairs, stepping_pairs(work.pairs), work.state)
         owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
         groups = form_groups(work.pairs, owned, self._working_groups(work), self.config)
+        # Hyperparameters may change after construction (a scheduler, a user): refuse what the rule
+        # cannot honour before anything moves.
+        for param_group in {id(pg): pg for g in groups for pg in g.param_groups.values()}.values():
+            self.rule.check_group(param_group)
         others = [
             p.grad
             for group in self.param_groups
@@ -340,13 +355,33 @@ class LowRankWrapper(Optimizer):
             factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
             store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
-            check_inputs(groups, grad_flags, self._describe, store, self.config)
-            if self.max_grad_norm is not None:
-                coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
-                scale_([g for group in groups for g in group.g_hat.values()] + others, coef)
-            # The base optimizer must not see the factors (its own or gathered copies) unless a rule delegates.
-            factors = list(self._factors | {f for pair in work.pairs for f in (pair.a, pair.b)})
-            run_step(groups, self.base, store, work.originals, factors, bool(others), self.config)
+            bad = check_inputs(groups, grad_flags, store, self.config)
+            if bad:
+                names = ", ".join(self._describe(i) for i in bad[:3]) + (" and more" if len(bad) > 3 else "")
+                if self.nonfinite == "raise":
+                    raise ValueError(f"non-finite gradient in {names}; no state was changed")
+                self.skipped_steps += 1
+                warnings.warn(
+                    f"non-finite gradient in {names}: step skipped ({self.skipped_steps} so far)", stacklevel=2
+                )
+                return loss
+            other_params = [
+                p
+                for group in self.param_groups
+                for p in group["params"]
+                if p.grad is not None and p not in self._factors
+            ]
+            snapshot = Snapshot.take(groups, store, self.config, other_params, self.base)
+            try:
+                if self.max_grad_norm is not None:
+                    coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
+                    scale_([g for group in groups for g in group.g_hat.values()] + others, coef)
+                # The base optimizer must not see the factors (its own or gathered copies) unless a rule delegates.
+                factors = list(self._factors | {f for pair in work.pairs for f in (pair.a, pair.b)})
+                run_step(groups, self.base, store, work.originals, factors, bool(others), self.config)
+            except BaseException:
+                snapshot.restore()  # all or nothing: the step that raised changed nothing
+                raise
             store.end_step()
             self._advance(work, done)
         return loss
