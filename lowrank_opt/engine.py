@@ -26,7 +26,7 @@ strategies decide what that is.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -70,6 +70,27 @@ class StepConfig:
 
 def label(pair: LoRAPair, index: int) -> str:
     return pair.name or f"pair {index}"
+
+
+def describe_gradients(
+    indices: Sequence[int], pairs: Sequence[LoRAPair], param_groups: Sequence[Mapping[str, Any]], factors: Set[Tensor]
+) -> str:
+    """Names of the gradients a step checked, by index: the factors of the stepping pairs (a, b), then
+    every other parameter with a gradient; the first three, for a message."""
+    names = [
+        f"factor {side} of {label(pair, i)}"
+        for i, pair in enumerate(pairs)
+        if pair.a.grad is not None
+        for side in SIDES
+    ]
+    names += [
+        f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
+        for g, group in enumerate(param_groups)
+        for j, p in enumerate(group["params"])
+        if p.grad is not None and p not in factors
+    ]
+    chosen = ", ".join(names[i] for i in indices[:3])
+    return chosen + (" and more" if len(indices) > 3 else "")
 
 
 def _factor(pair: LoRAPair, side: Side) -> Tensor:

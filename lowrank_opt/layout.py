@@ -35,6 +35,7 @@ __all__ = [
     "STEP_KEY",
     "BASIS_GRAM_KEY",
     "WRAPPER_KEYS",
+    "check_factors",
     "factor_matrix",
     "basis_gram",
     "create_state",
@@ -49,6 +50,17 @@ IDENTITY_KEY = "lowrank_opt_rule"  # "<rule>/<base optimizer class>": what wrote
 STEP_KEY = "lowrank_step"
 BASIS_GRAM_KEY = "lowrank_basis_gram"
 WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
+
+
+def check_factors(pairs: Sequence[LoRAPair], group_of: Mapping[Tensor, Any]) -> None:
+    """Both factors of every pair train and belong to the base optimizer (``group_of``: parameter -> group)."""
+    for i, pair in enumerate(pairs):
+        for side, factor in (("a", pair.a), ("b", pair.b)):
+            name = pair.name or f"pair {i}"
+            if not factor.requires_grad:
+                raise ValueError(f"{name}: factor {side} does not require grad; both factors must train")
+            if factor not in group_of:
+                raise ValueError(f"{name}: factor {side} is not in the base optimizer's param_groups")
 
 
 def factor_matrix(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:

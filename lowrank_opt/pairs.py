@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
+__all__ = ["new_pairs_among", "LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -361,3 +361,22 @@ def find_lora_pairs(
                 raise ValueError(f"a factor of {label} is already in {owner[factor]}")
             owner[factor] = label
     return pairs
+
+
+def new_pairs_among(
+    model: nn.Module, added: Iterable[Tensor], known: Iterable[Tensor], unsupported: Literal["error", "base"] = "error"
+) -> list[LoRAPair]:
+    """The pairs of ``model`` whose two factors are among ``added`` and not among ``known``.
+
+    For a param group added to an optimizer after it was built; a pair with one factor added and
+    the other not is refused (``ValueError``), since half a pair cannot be lifted."""
+    ids, known_ids = {id(p) for p in added}, {id(p) for p in known}
+    fresh = []
+    for pair in find_lora_pairs(model, unsupported=unsupported):
+        inside = (id(pair.a) in ids, id(pair.b) in ids)
+        if id(pair.a) in known_ids or not any(inside):
+            continue
+        if not all(inside):
+            raise ValueError(f"{pair.name}: add both LoRA factors of a pair in the same param group")
+        fresh.append(pair)
+    return fresh

@@ -31,16 +31,16 @@ from .engine import (
     StepConfig,
     check_inputs,
     clip_coefficient,
+    describe_gradients,
     form_groups,
-    label,
     pair_sq_norms,
     run_step,
     scale_,
     stepping_pairs,
     steps_done,
 )
-from .layout import IDENTITY_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, create_state, plan_load
-from .pairs import LoRAPair, find_lora_pairs
+from .layout import IDENTITY_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, check_factors, create_state, plan_load
+from .pairs import LoRAPair, find_lora_pairs, new_pairs_among
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
 from .schedule import Schedule
@@ -158,12 +158,7 @@ class LowRankWrapper(Optimizer):
         self.nonfinite, self.skipped_steps = nonfinite, 0
         self._store: GroupStore | None = None
         group_of = self._param_group_of()
-        for i, pair in enumerate(pairs):
-            for side, factor in (("a", pair.a), ("b", pair.b)):
-                if not factor.requires_grad:
-                    raise ValueError(f"{label(pair, i)}: factor {side} does not require grad; both factors must train")
-                if factor not in group_of:
-                    raise ValueError(f"{label(pair, i)}: factor {side} is not in the base optimizer's param_groups")
+        check_factors(pairs, group_of)
         self._factors = {factor for pair in pairs for factor in (pair.a, pair.b)}
         factor_groups = {id(group_of[f]): group_of[f] for f in self._factors}
         config.rule.check(base_optimizer, list(factor_groups.values()), switches)
@@ -218,7 +213,13 @@ class LowRankWrapper(Optimizer):
             super().add_param_group(param_group)
             return
         params = param_group["params"]
-        fresh = self._new_pairs([params] if isinstance(params, Tensor) else list(params))
+        added = [params] if isinstance(params, Tensor) else list(params)
+        fresh = [] if self._model is None else new_pairs_among(self._model, added, self._factors, self._unsupported)
+        if fresh and type(self.distributed) is not Replicated:
+            raise ValueError(
+                f"{self.distributed!r} assigned its work when the wrapper was built; new LoRA pairs "
+                f"({', '.join(p.name for p in fresh)}) need a new wrapper"
+            )
         self.base.add_param_group(param_group)
         if not fresh:
             return
@@ -239,26 +240,6 @@ class LowRankWrapper(Optimizer):
                 self.config.switches,
                 self.distributed.owns,
             )
-
-    def _new_pairs(self, added: list[Tensor]) -> list[LoRAPair]:
-        """The model's LoRA pairs whose factors are both among ``added`` and not lifted yet."""
-        if self._model is None:
-            return []
-        ids = {id(p) for p in added}
-        fresh = []
-        for pair in find_lora_pairs(self._model, unsupported=self._unsupported):
-            inside = (id(pair.a) in ids, id(pair.b) in ids)
-            if pair.a in self._factors or not any(inside):
-                continue
-            if not all(inside):
-                raise ValueError(f"{pair.name}: add both LoRA factors of a pair in the same param group")
-            fresh.append(pair)
-        if fresh and type(self.distributed) is not Replicated:
-            raise ValueError(
-                f"{self.distributed!r} assigned its work when the wrapper was built; new LoRA pairs "
-                f"({', '.join(p.name for p in fresh)}) need a new wrapper"
-            )
-        return fresh
 
     def __repr__(self) -> str:
         return f"LowRankWrapper({type(self.base).__name__}, rule={self.rule!r}, pairs={len(self.pairs)}, schedule={self.schedule})"
@@ -357,7 +338,7 @@ class LowRankWrapper(Optimizer):
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
             bad = check_inputs(groups, grad_flags, store, self.config)
             if bad:
-                names = ", ".join(self._describe(i) for i in bad[:3]) + (" and more" if len(bad) > 3 else "")
+                names = describe_gradients(bad, self.pairs, self.param_groups, self._factors)
                 if self.nonfinite == "raise":
                     raise ValueError(f"non-finite gradient in {names}; no state was changed")
                 self.skipped_steps += 1
@@ -406,19 +387,3 @@ class LowRankWrapper(Optimizer):
             torch._foreach_add_(counters, 1)
         self.distributed.publish([(i, getattr(work.pairs[i], side)) for i, side in moved])
         self.distributed.record_moved(work.pairs, moved, work.state)
-
-    def _describe(self, index: int) -> str:
-        """The ``index``-th gradient checked by a step: factors of the stepping pairs, then the others."""
-        stepping = [i for i, pair in enumerate(self.pairs) if pair.a.grad is not None]
-        if index < 2 * len(stepping):
-            i = stepping[index // 2]
-            return f"factor {'ab'[index % 2]} of {label(self.pairs[i], i)}"
-        index -= 2 * len(stepping)
-        others = [
-            (g, j, p)
-            for g, group in enumerate(self.param_groups)
-            for j, p in enumerate(group["params"])
-            if p.grad is not None and p not in self._factors
-        ]
-        g, j, p = others[index]
-        return f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
