@@ -24,7 +24,6 @@ separate untimed step); on CUDA by the allocator's peak counter.
 from __future__ import annotations
 
 import statistics
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,16 +159,11 @@ def _measure(case: Case, device: str, warmup: int, repeats: int) -> tuple[float,
     for _ in range(warmup):
         _set_grads(case, gen)
         case.optimizer.step()
-    times = []
-    for _ in range(repeats):
-        _set_grads(case, gen)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        case.optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    from torch.utils.benchmark import Timer
+
+    sync = "torch.cuda.synchronize()" if device == "cuda" else "pass"
+    timer = Timer("optimizer.step(); " + sync, globals={"optimizer": case.optimizer, "torch": torch})
+    seconds = timer.timeit(repeats).median  # the gradients of the last warm-up step, stepped again
     _set_grads(case, gen)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -182,7 +176,7 @@ def _measure(case: Case, device: str, warmup: int, repeats: int) -> tuple[float,
         with torch.no_grad(), _AllocationPeak() as tracker:
             case.optimizer.step()
         peak = tracker.peak
-    return statistics.median(times), peak, _state_bytes(case)
+    return seconds, peak, _state_bytes(case)
 
 
 def pair(

@@ -323,6 +323,18 @@ class LowRankWrapper(Optimizer):
                 scale_(factor_grads + others, clip_coefficient(total, max_norm))  # type: ignore[arg-type]
         return total
 
+    def pair_grad_norms(self) -> list[Tensor | None]:
+        """The full-space gradient norm of every pair, in the order of ``pairs`` (``None`` for a pair
+        without gradients, or one another rank steps): what clipping would count for it, from the
+        current ``.grad``, without changing anything. For logging which layers drive the total."""
+        norms: list[Tensor | None] = [None] * len(self.pairs)
+        with torch.no_grad(), self._materialised() as work:
+            _, groups, _ = self._groups(work)
+            for group in groups:
+                for i, value in zip(group.indices, pair_sq_norms(group, self.config.full_space_clip).sqrt()):
+                    norms[i] = value
+        return norms
+
     @torch.compiler.disable  # eager under torch.compile: the step's Python decides the grouping
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -305,3 +305,15 @@ def test_sequential_is_refused_for_a_rule_without_its_own_update():
     pair = make_pair(4, 4, 2)
     with pytest.raises(ValueError, match="schedule='sequential' needs a rule with its own update; 'generic'"):
         lo.LowRankWrapper(torch.optim.SGD([pair.a, pair.b], lr=0.1, momentum=0.9), [pair], schedule="sequential")
+
+
+def test_pair_grad_norms_add_up_to_the_clipping_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3))
+    lo.inject_lora(model, rank=2, target=lambda name, module: name in ("0", "2"))
+    opt = lo.LowRankWrapper(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model)
+    nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    norms = opt.pair_grad_norms()
+    assert len(norms) == 2 and all(n is not None and n > 0 for n in norms)
+    total = opt.clip_grad_norm_(float("inf"))
+    assert torch.allclose(torch.stack(norms).square().sum().sqrt().double(), total, rtol=1e-6)
