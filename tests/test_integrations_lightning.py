@@ -108,8 +108,9 @@ def assert_same_state(got: dict, expected: dict) -> None:
 def test_a_checkpoint_restores_the_wrapper_exactly(tmp_path):
     """The restored run starts from the saved weights and optimizer state, bit for bit, and trains on.
 
-    (The continuation is not compared with an uninterrupted run: on resume, Lightning 2.6 replays one
-    batch of the finished epoch, with or without the wrapper.)"""
+    (Stopped by ``max_steps`` at the end of an epoch, Lightning 2.6 counts the epoch as unfinished
+    and replays a batch on resume, with any optimizer; the next test resumes bit for bit from an
+    epoch stopped by ``max_epochs``.)"""
     first = fit(Module(make_model()), tmp_path / "first", max_steps=STEPS // 2)
     first.save_checkpoint(tmp_path / "first.ckpt")
     saved_state = copy.deepcopy(first.optimizers[0].state_dict())
@@ -132,3 +133,17 @@ def test_clipping_by_value_and_conflicting_thresholds_are_refused(tmp_path):
         fit(Module(make_model()), tmp_path, gradient_clip_algorithm="value", max_steps=1)
     with pytest.raises(ValueError, match="clips at max_grad_norm=0.5 but gradient_clip_val is 1.0"):
         fit(Module(make_model(), max_grad_norm=0.5), tmp_path, max_steps=1)
+
+
+def test_resume_from_an_epoch_end_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """Stopped by ``max_epochs`` at the end of epoch 1 and resumed for epoch 2, the run repeats an
+    uninterrupted two-epoch run bit for bit, clipping included. (Stopped by ``max_steps`` at the same
+    point, Lightning counts the epoch as unfinished and replays a batch, with any optimizer.)"""
+    straight = make_model()
+    fit(Module(straight), tmp_path / "straight", max_steps=-1, max_epochs=2)
+    first = fit(Module(make_model()), tmp_path / "first", max_steps=-1, max_epochs=1)
+    first.save_checkpoint(tmp_path / "first.ckpt")
+    resumed = make_model()
+    fit(Module(resumed), tmp_path / "resumed", ckpt_path=str(tmp_path / "first.ckpt"), max_steps=-1, max_epochs=2)
+    for p, q in zip(trainable(straight), trainable(resumed)):
+        assert torch.equal(p, q)
