@@ -35,7 +35,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .layout import BASIS_GRAM_KEY, STEP_KEY, basis_gram, factor_matrix, hidden_wrapper_keys
+from .layout import (
+    BASIS_GRAM_KEY,
+    OWN_KEYS,
+    SKETCH_KEY,
+    STEP_KEY,
+    basis_gram,
+    basis_sketch,
+    factor_matrix,
+    hidden_wrapper_keys,
+)
 from .linalg import compute_dtype, needs_pseudo_inverse, pseudo_inverse, transport
 from .pairs import LoRAPair
 from .rule import CalibrationRule, Context, StateKind, Switches
@@ -278,10 +287,14 @@ def check_inputs(groups: Sequence[Group], grad_flags: Tensor, store: GroupStore,
     for group in groups:
         for side in SIDES:
             view = group.views[side]
-            stored = store.stacked(group.params(other_side(side)), BASIS_GRAM_KEY)
+            partner = group.params(other_side(side))
+            stored = store.stacked(partner, BASIS_GRAM_KEY)
             info = torch.finfo(view.gram.dtype)
-            drift = (view.gram - stored).flatten(1).norm(dim=1)
-            flags.append(~(drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny))
+            changed = _drifted(view.gram, stored, info)
+            if SKETCH_KEY in store.state[partner[0]]:
+                # The partner's coefficients are this side's basis: F^T = C_partner.
+                changed |= _drifted(basis_sketch(view.basis.mT), store.stacked(partner, SKETCH_KEY), info)
+            flags.append(~changed)
             flags.append(~group.deficient[side])
     host = torch.cat([f.to(flags[0].device, torch.bool) for f in flags]).cpu().tolist()
     bad = [i for i, ok in enumerate(host[:grads_checked]) if not ok]
@@ -300,6 +313,12 @@ def check_inputs(groups: Sequence[Group], grad_flags: Tensor, store: GroupStore,
     return []
 
 
+def _drifted(current: Tensor, stored: Tensor, info: torch.finfo) -> Tensor:
+    """Per member (G,): ``current`` differs from ``stored`` beyond rounding."""
+    drift = (current - stored).flatten(1).norm(dim=1)
+    return drift > 100 * info.eps * stored.flatten(1).norm(dim=1) + info.tiny
+
+
 def _reset_after_outside_change(group: Group, member: int, side: Side, state: State, rule: CalibrationRule) -> None:
     pair, index = group.pairs[member], group.indices[member]
     partner = other_side(side)
@@ -312,7 +331,10 @@ def _reset_after_outside_change(group: Group, member: int, side: Side, state: St
     for key, kind in rule.state_kinds().items():
         if kind is not StateKind.FULL_SPACE and isinstance(entry.get(key), Tensor):
             entry[key].zero_()
-    state[_factor(pair, partner)][BASIS_GRAM_KEY].copy_(group.views[side].gram[member])
+    entry = state[_factor(pair, partner)]
+    entry[BASIS_GRAM_KEY].copy_(group.views[side].gram[member])
+    if SKETCH_KEY in entry:
+        entry[SKETCH_KEY].copy_(basis_sketch(group.views[side].basis[member].mT))
 
 
 @dataclass
@@ -341,7 +363,10 @@ class Snapshot:
                     stats = _base_statistics(store, params)
                 else:
                     stats = store.statistics(params, list(config.rule.state_kinds()))
-                for stacked in (*stats.values(), store.stacked(params, BASIS_GRAM_KEY)):
+                records = [
+                    store.stacked(params, key) for key in (BASIS_GRAM_KEY, SKETCH_KEY) if key in store.state[params[0]]
+                ]
+                for stacked in (*stats.values(), *records):
                     snapshot.tensors.append((list(stacked.unbind(0)), stacked.clone()))
                 snapshot.entries += [(store.state[p], dict(store.state[p])) for p in params]
         for p in others:
@@ -397,8 +422,8 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
         torch._foreach_mul_(bucket, coef.to(device=device, dtype=dtype))
 
 
-def _move(group: Group, side: Side, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """``C <- C (1 - lr wd) - Delta`` written into the parameters; returns the new Gram and ``T``.
+def _move(group: Group, side: Side, delta: Tensor, store: GroupStore) -> Tensor:
+    """``C <- C (1 - lr wd) - Delta`` written into the parameters; returns ``T`` for the partner.
 
     Both are taken from the factor as stored (rounded to its dtype), which is what the next step
     will see.
@@ -412,18 +437,22 @@ def _move(group: Group, side: Side, delta: Tensor) -> tuple[Tensor, Tensor]:
     targets = [factor_matrix(pair, side, p) for pair, p in zip(group.pairs, params)]
     torch._foreach_copy_(targets, list(view.canonical(new).unbind(0)))
     # Stored exactly when the factor's dtype is the compute dtype; else re-read the rounded values.
-    return _record_move(group, side, old, new if params[0].dtype == new.dtype else None)
+    return _record_move(group, side, old, store, new if params[0].dtype == new.dtype else None)
 
 
-def _record_move(group: Group, side: Side, old: Tensor, new: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _record_move(group: Group, side: Side, old: Tensor, store: GroupStore, new: Tensor | None = None) -> Tensor:
     """After factor ``side`` moved from ``old`` to ``new`` (read from the factors when not given):
-    its new Gram ``C_new C_new^T`` (recorded for outside-change detection) and the partner's
-    calibration map ``T = Gamma_new^-1 C_new C_old^T``."""
+    record its new Gram ``C_new C_new^T`` (and sketch) for outside-change detection, and return the
+    partner's calibration map ``T = Gamma_new^+ C_new C_old^T``."""
+    params = group.params(side)
     if new is None:
-        stored = torch.stack([factor_matrix(pair, side, p) for pair, p in zip(group.pairs, group.params(side))])
+        stored = torch.stack([factor_matrix(pair, side, p) for pair, p in zip(group.pairs, params)])
         new = group.views[side].canonical(stored).to(old.dtype)
     gram_new = basis_gram(new)
-    return gram_new, transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
+    store.stacked(params, BASIS_GRAM_KEY).copy_(gram_new)
+    if SKETCH_KEY in store.state[params[0]]:
+        store.stacked(params, SKETCH_KEY).copy_(basis_sketch(new))
+    return transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
 def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Tensor]], config: StepConfig) -> None:
@@ -449,6 +478,9 @@ def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Ten
         )
         gram = store.stacked(params, BASIS_GRAM_KEY)
         gram.mul_(factor[side].to(gram.dtype)[:, None, None].square())
+        if SKETCH_KEY in store.state[params[0]]:
+            sketch = store.stacked(params, SKETCH_KEY)
+            sketch.mul_(factor[side].to(sketch.dtype)[:, None])
         ctx = Context.of(group.param_groups[side], group.steps, config.switches)
         config.rule.rescale(stats[side], factor[side], ctx)
 
@@ -478,8 +510,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
                 _rebuilt_view(group, side, config)
             rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
             delta = rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side])
-            gram_new, t = _move(group, side, delta)
-            store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
+            t = _move(group, side, delta, store)
             partner = other_side(side)
             rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
         if config.balance:
@@ -489,8 +520,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
         rule.observe(stats[side], group.g_hat[side], group.views[side], ctx[side])
     deltas = {side: rule.update(stats[side], group.g_hat[side], group.views[side], ctx[side]) for side in group.active}
     for side in group.active:
-        gram_new, t = _move(group, side, deltas[side])
-        store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
+        t = _move(group, side, deltas[side], store)
         partner = other_side(side)
         rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
     if config.balance:
@@ -533,7 +563,7 @@ def _base_step(base: Optimizer) -> None:
 def _base_statistics(store: GroupStore, params: Sequence[Tensor]) -> dict[str, Tensor]:
     """Every tensor the base optimizer keeps for ``params`` (the wrapper's own keys aside), stacked."""
     entry = store.state[params[0]]
-    keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in (STEP_KEY, BASIS_GRAM_KEY)]
+    keys = [k for k, v in entry.items() if isinstance(v, Tensor) and k not in OWN_KEYS]
     return store.statistics(params, keys)
 
 
@@ -578,8 +608,7 @@ def step_delegated(
     for group in groups:
         ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
         for side in group.active:
-            gram_new, t = _record_move(group, side, group.views[side].coeff)
-            store.stacked(group.params(side), BASIS_GRAM_KEY).copy_(gram_new)
+            t = _record_move(group, side, group.views[side].coeff, store)
             partner = other_side(side)
             partner_params = group.params(partner)
             config.rule.calibrate(_base_statistics(store, partner_params), t, group.views[partner], ctx[partner])

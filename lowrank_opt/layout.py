@@ -7,7 +7,11 @@ statistics, and two keys of the wrapper's own:
 * ``lowrank_step``: steps this pair has taken (int64, on the CPU; the same on both factors), from
   which the schedule derives which factor moves, so a resumed run continues in the same phase;
 * ``lowrank_basis_gram``: ``C C^T`` of the factor as the optimizer left it, its partner's Gram,
-  from which a factor changed outside the optimizer is detected.
+  from which a factor changed outside the optimizer is detected;
+* ``lowrank_basis_sketch`` (replicated mode, in memory only): ``C w`` for a fixed vector ``w``
+  with distinct entries, which also catches a change that keeps the Gram (the rows of ``B``
+  permuted). It is a check, not state a resume needs: ``state_dict()`` leaves it out (so
+  checkpoints move between modes), and a step re-establishes it where it is missing.
 
 Every rank keeps the wrapper's keys of every pair; a sharded strategy keeps the statistics of a
 pair only where the pair is stepped.
@@ -15,6 +19,7 @@ pair only where the pair is stepped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +40,11 @@ __all__ = [
     "STEP_KEY",
     "BASIS_GRAM_KEY",
     "WRAPPER_KEYS",
+    "SKETCH_KEY",
+    "OWN_KEYS",
+    "basis_sketch",
+    "ensure_sketches",
+    "without_sketches",
     "check_factors",
     "factor_matrix",
     "basis_gram",
@@ -49,7 +59,9 @@ VERSION_KEY = "lowrank_opt_version"
 IDENTITY_KEY = "lowrank_opt_rule"  # "<rule>/<base optimizer class>": what wrote the statistics
 STEP_KEY = "lowrank_step"
 BASIS_GRAM_KEY = "lowrank_basis_gram"
-WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)
+SKETCH_KEY = "lowrank_basis_sketch"
+WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)  # in every factor's entry, on every rank
+OWN_KEYS = (*WRAPPER_KEYS, SKETCH_KEY)  # every key the wrapper may keep in a factor's entry
 
 
 def check_factors(pairs: Sequence[LoRAPair], group_of: Mapping[Tensor, Any]) -> None:
@@ -72,6 +84,37 @@ def basis_gram(coeff: Tensor) -> Tensor:
     """The ``(..., r, r)`` Gram that coefficients ``C`` (..., r, l) give their partner, detached, in the compute dtype."""
     c = coeff.detach()
     return gram(c.to(compute_dtype(c.dtype)))
+
+
+@functools.cache
+def _sketch_weights(l: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``w_j = frac(j phi) + 1/2`` (``phi`` the golden ratio): distinct, evenly spread, fixed."""
+    j = torch.arange(1, l + 1, dtype=torch.float64)
+    return torch.remainder(j * 0.6180339887498949, 1.0).add_(0.5).to(device=device, dtype=dtype)
+
+
+def basis_sketch(coeff: Tensor) -> Tensor:
+    """``C w`` (..., r) of coefficients ``C`` (..., r, l), detached, in the compute dtype."""
+    c = coeff.detach()
+    c = c.to(compute_dtype(c.dtype))
+    return c @ _sketch_weights(c.shape[-1], c.dtype, c.device)
+
+
+@torch.no_grad()
+def ensure_sketches(pairs: Sequence[LoRAPair], state: Mapping[Tensor, dict[str, Any]]) -> None:
+    """Give every factor that has none (created, or just loaded) its sketch, from its current value."""
+    for pair in pairs:
+        for side, param in zip(SIDES, (pair.a, pair.b)):
+            entry = state[param]
+            if SKETCH_KEY not in entry:
+                matrix = pair.matrix_a(param) if side == "a" else pair.matrix_b(param)
+                entry[SKETCH_KEY] = basis_sketch(_canonical(side, matrix))
+
+
+def without_sketches(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with the in-memory sketches left out of every entry."""
+    state = {k: {key: v for key, v in e.items() if key != SKETCH_KEY} for k, e in state_dict["state"].items()}
+    return {**state_dict, "state": state}
 
 
 def _canonical(side: Side, matrix: Tensor) -> Tensor:
@@ -116,7 +159,7 @@ def create_state(
 def hidden_wrapper_keys(entries: Sequence[dict[str, Any]]) -> Iterator[None]:
     """The wrapper's keys taken out of ``entries`` for the duration: a base optimizer creates its
     state lazily when it finds a parameter's entry empty."""
-    hidden = [{key: entry.pop(key) for key in WRAPPER_KEYS if key in entry} for entry in entries]
+    hidden = [{key: entry.pop(key) for key in OWN_KEYS if key in entry} for entry in entries]
     try:
         yield
     finally:
@@ -187,8 +230,12 @@ def plan_load(
                     f"{label}, factor {side}: saved {BASIS_GRAM_KEY} is {tuple(entry[BASIS_GRAM_KEY].shape)}, "
                     f"expected {(r, r)} (a checkpoint of another rank?)"
                 )
+            if SKETCH_KEY in entry and tuple(entry[SKETCH_KEY].shape) != (r,):
+                raise ValueError(
+                    f"{label}, factor {side}: saved {SKETCH_KEY} is {tuple(entry[SKETCH_KEY].shape)}, expected {(r,)}"
+                )
             for key, value in live_state[factor].items():
-                if key in WRAPPER_KEYS or not isinstance(value, Tensor):
+                if key in OWN_KEYS or not isinstance(value, Tensor):
                     continue
                 if key not in entry:
                     raise ValueError(

@@ -39,7 +39,17 @@ from .engine import (
     stepping_pairs,
     steps_done,
 )
-from .layout import IDENTITY_KEY, STATE_VERSION, STEP_KEY, VERSION_KEY, check_factors, create_state, plan_load
+from .layout import (
+    IDENTITY_KEY,
+    STATE_VERSION,
+    STEP_KEY,
+    VERSION_KEY,
+    check_factors,
+    create_state,
+    ensure_sketches,
+    plan_load,
+    without_sketches,
+)
 from .pairs import LoRAPair, find_lora_pairs, new_pairs_among
 from .registry import resolve_rule
 from .rule import CalibrationRule, Switches
@@ -257,7 +267,7 @@ class LowRankWrapper(Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, with the factors' statistics and counters, versioned."""
-        state_dict = super().state_dict()
+        state_dict = without_sketches(super().state_dict())
         state_dict[VERSION_KEY] = STATE_VERSION
         state_dict[IDENTITY_KEY] = self._identity
         return state_dict
@@ -346,6 +356,8 @@ class LowRankWrapper(Optimizer):
         with self._materialised() as work:
             done, groups, others = self._groups(work)
             factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
+            if type(self.distributed) is Replicated:  # every rank holds every factor: sketches are cheap
+                ensure_sketches(work.pairs, work.state)
             store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
             grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
             bad = check_inputs(groups, grad_flags, store, self.config)

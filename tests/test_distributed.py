@@ -37,7 +37,7 @@ def _statistics_bytes(opt: lo.LowRankWrapper) -> int:
         (v.to_local() if isinstance(v, DTensor) else v).nbytes
         for entry in opt.state.values()
         for k, v in entry.items()
-        if isinstance(v, torch.Tensor) and k not in ("lowrank_step", "lowrank_basis_gram")
+        if isinstance(v, torch.Tensor) and k not in ("lowrank_step", "lowrank_basis_gram", "lowrank_basis_sketch")
     )
 
 

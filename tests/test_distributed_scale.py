@@ -90,7 +90,7 @@ def _statistics_bytes(opt: lo.LowRankWrapper) -> int:
         for pair in opt.pairs
         for f in (pair.a, pair.b)
         for k, v in opt.state[f].items()
-        if isinstance(v, torch.Tensor) and k not in ("lowrank_step", "lowrank_basis_gram")
+        if isinstance(v, torch.Tensor) and k not in ("lowrank_step", "lowrank_basis_gram", "lowrank_basis_sketch")
     )
 
 

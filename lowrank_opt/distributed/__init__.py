@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from ..layout import WRAPPER_KEYS, hidden_wrapper_keys
+from ..layout import OWN_KEYS, hidden_wrapper_keys
 from ..pairs import LoRAPair
 from . import checkpoint
 from .fsdp import FSDP2
@@ -90,7 +90,7 @@ def init_base_state(optimizer: torch.optim.Optimizer) -> None:
             for factor in (pair.a, pair.b):
                 missing.discard(factor)
                 state = base.state.get(factor, {})
-                if wrapper.rule.uses_base_step and wrapper.distributed.owns(i) and set(state) <= set(WRAPPER_KEYS):
+                if wrapper.rule.uses_base_step and wrapper.distributed.owns(i) and set(state) <= set(OWN_KEYS):
                     missing.add(factor)
                     delegated.append(base.state[factor])
     if not missing:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..engine import finite_flags, label
-from ..layout import BASIS_GRAM_KEY, WRAPPER_KEYS, basis_gram
+from ..layout import BASIS_GRAM_KEY, SKETCH_KEY, WRAPPER_KEYS, basis_gram, basis_sketch
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
 
@@ -126,7 +126,10 @@ class DistributedStrategy:
                 continue
             pair = pairs[i]
             matrix = pair.matrix_a(pair.a) if side == "a" else pair.matrix_b(pair.b).T
-            state[getattr(pair, side)][BASIS_GRAM_KEY] = basis_gram(matrix)
+            entry = state[getattr(pair, side)]
+            entry[BASIS_GRAM_KEY] = basis_gram(matrix)
+            if SKETCH_KEY in entry:
+                entry[SKETCH_KEY] = basis_sketch(matrix)
 
 
 class Replicated(DistributedStrategy):
@@ -173,12 +176,15 @@ class Replicated(DistributedStrategy):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state held by this rank (local shards of DTensors), every parameter included."""
+    """Bytes of optimizer state held by this rank (local shards of DTensors), every parameter
+    included: what this rank's ``state_dict()`` carries (the in-memory basis sketches aside)."""
     from torch.distributed.tensor import DTensor
 
     total = 0
     for entry in optimizer.state.values():
-        for value in entry.values():
+        for key, value in entry.items():
+            if key == SKETCH_KEY:
+                continue
             if isinstance(value, DTensor):
                 value = value.to_local()
             if isinstance(value, Tensor):
