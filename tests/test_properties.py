@@ -342,3 +342,54 @@ def test_bounded_growth_from_zero_b_with_rank_one_gradients(rule, shape, seed, s
         plain_largest = max(plain_largest, _largest_factor_norm(plain_a, plain_b))
     assert torch.isfinite(pair.a).all() and torch.isfinite(pair.b).all()
     assert largest < GROWTH_BOUND * plain_largest, (largest, plain_largest)
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) What is detected as an outside change of a factor: a change of its Gram.
+
+
+@pytest.mark.parametrize("rule", RULES, ids=_ids(RULES))
+@PROFILE
+@given(
+    shape=shapes(),
+    seed=seeds,
+    side=st.sampled_from(["a", "b"]),
+    size=st.floats(1e-10, 1.0),
+    steps=st.integers(1, 4),
+)
+def test_an_outside_change_is_detected_exactly_when_it_changes_the_gram(rule, shape, seed, side, size, steps):
+    """A relative change of ``size`` (at least 1e-10, far above the 100 eps(float64) drift
+    threshold) of either factor resets its partner's statistics with a warning; a change that keeps
+    the Gram (rows of ``B`` permuted, ``A`` rotated from the right) is not detected."""
+    m, n, r = shape
+    a, b = factors(m, n, r, seed, zero_b=False)
+    hyper = Hyper(lr=1.0, weight_decay=0.0, momentum=0.9, nesterov=False)
+    pair = lo.LoRAPair(nn.Parameter(a.clone()), nn.Parameter(b.clone()), 1.0)
+    losses = dense_losses(m, n, steps + 2, seed + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no base weight
+        opt = lo.LowRankWrapper(rule.make([pair.a, pair.b], hyper), [pair], rule=rule.rule, rule_options=rule.options)
+
+    def step(loss: Loss) -> list[str]:
+        opt.zero_grad()
+        loss(pair.scale * pair.b @ pair.a).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        return [str(w.message) for w in caught if "changed outside the optimizer" in str(w.message)]
+
+    for loss in losses[:steps]:
+        assert not step(loss)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        if side == "b":
+            pair.b.copy_(pair.b[torch.randperm(m, generator=gen)])
+        else:
+            rotation = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen)).Q
+            pair.a.copy_(pair.a @ rotation)
+    assert not step(losses[steps]), "a change that keeps the Gram is not detected"
+    factor = getattr(pair, side)
+    with torch.no_grad():
+        change = torch.randn(factor.shape, dtype=torch.float64, generator=gen)
+        factor.add_(change * (size * factor.norm() / change.norm()))
+    assert any(f"factor {side} changed outside the optimizer" in message for message in step(losses[steps + 1]))
