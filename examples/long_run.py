@@ -114,7 +114,7 @@ def make_data(seed: int) -> tuple[Tensor, Tensor]:
     return inputs, labels
 
 
-def make_model(seed: int, rank: int) -> nn.Sequential:
+def make_model(seed: int, rank: int) -> nn.Module:
     """The frozen base MLP with LoRA on every linear layer (``B = 0``, ``A`` drawn from ``seed``)."""
     model = _mlp(torch.Generator().manual_seed(seed))
     torch.manual_seed(seed + 2)

@@ -24,6 +24,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -130,7 +131,11 @@ def dense_losses(m: int, n: int, steps: int, seed: int) -> list[Loss]:
     """One loss per step with its own random target: ``0.5 ||W - T_t||^2`` plus a cubic term."""
     gen = torch.Generator().manual_seed(seed)
     targets = torch.randn(steps, m, n, dtype=torch.float64, generator=gen)
-    return [lambda w, t=t: 0.5 * (w - t).pow(2).sum() + 0.1 * (w**3).sum() / w.numel() for t in targets]
+    return [partial(_dense_loss, target=t) for t in targets]
+
+
+def _dense_loss(w: Tensor, target: Tensor) -> Tensor:
+    return 0.5 * (w - target).pow(2).sum() + 0.1 * (w**3).sum() / w.numel()
 
 
 def rank_one_losses(m: int, n: int, steps: int, seed: int) -> list[Loss]:
@@ -138,7 +143,11 @@ def rank_one_losses(m: int, n: int, steps: int, seed: int) -> list[Loss]:
     gen = torch.Generator().manual_seed(seed)
     xs = torch.randn(steps, n, dtype=torch.float64, generator=gen)
     ys = torch.randn(steps, m, dtype=torch.float64, generator=gen)
-    return [lambda w, x=x, y=y: 0.5 * (w @ x - y).pow(2).sum() for x, y in zip(xs, ys)]
+    return [partial(_rank_one_loss, x=x, y=y) for x, y in zip(xs, ys)]
+
+
+def _rank_one_loss(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return 0.5 * (w @ x - y).pow(2).sum()
 
 
 def factors(m: int, n: int, r: int, seed: int, zero_b: bool) -> tuple[Tensor, Tensor]:
