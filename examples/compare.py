@@ -565,6 +565,11 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _style(index: int) -> dict[str, Any]:
+    """Colour and line style of the ``index``-th run: ten colours, then the same ten dashed."""
+    return {"color": f"C{index % 10}", "linestyle": "-" if index < 10 else "--"}
+
+
 def plot(results: list[Result], metrics: tuple[str, ...], smooth: int, path: Path, title: str) -> None:
     """Train loss against step (mean over seeds, min-max band) and, with accuracy, test accuracy."""
     import matplotlib
@@ -575,12 +580,12 @@ def plot(results: list[Result], metrics: tuple[str, ...], smooth: int, path: Pat
     with_acc = "acc" in metrics
     fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(12 if with_acc else 7, 4.5), squeeze=False)
     ax = axes[0, 0]
-    for name in dict.fromkeys(r.run for r in results):
+    for i, name in enumerate(dict.fromkeys(r.run for r in results)):
         group = [r for r in results if r.run == name]
         length = min(len(r.train_losses) for r in group)
         curves = torch.tensor([_moving_average(r.train_losses[:length], smooth) for r in group], dtype=torch.float64)
         steps = range(1, length + 1)
-        line = ax.plot(steps, curves.mean(0), label=f"{name} (lr {group[0].lr:.3g})")[0]
+        line = ax.plot(steps, curves.mean(0), label=f"{name} (lr {group[0].lr:.3g})", **_style(i))[0]
         if len(group) > 1:
             ax.fill_between(steps, curves.min(0).values, curves.max(0).values, color=line.get_color(), alpha=0.2)
         if with_acc:
@@ -612,14 +617,14 @@ def plot_quality(results: list[Result], metric: str, path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r.run for r in results):
+    for i, name in enumerate(dict.fromkeys(r.run for r in results)):
         group = [r for r in results if r.run == name]
         points = min(len(r.evals) for r in group)
         steps = [group[0].evals[i][0] for i in range(points)]
         values = [statistics.fmean(r.evals[i][1][metric] for r in group) for i in range(points)]
         seconds = [statistics.fmean(r.times[s - 1] for r in group) for s in steps]
-        line = axes[0].plot(steps, values, marker="o", markersize=3, label=name)[0]
-        axes[1].plot(seconds, values, marker="o", markersize=3, color=line.get_color(), label=name)
+        axes[0].plot(steps, values, marker="o", markersize=3, label=name, **_style(i))
+        axes[1].plot(seconds, values, marker="o", markersize=3, label=name, **_style(i))
     for ax, xlabel in zip(axes, ("step", "training wall-clock seconds (mean over seeds)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {metric} (mean over seeds)")

@@ -24,9 +24,11 @@ for tests on machines without the model package.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -174,7 +176,11 @@ class CausalLM(Task):
         else:
             _import("gguf")
             folder = str(smollm2_dir())
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+            # The GGUF reader draws a progress bar of its own, with no switch: keep it out of logs.
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, gguf_file=GGUF_FILE, dtype=torch.float32
+                )
             tokenizer = _HubTokenizer(transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE))
         total = model.config.num_hidden_layers
         if self.layers > total:
