@@ -114,6 +114,7 @@ class Group:
     pairs: list[LoRAPair]
     active: tuple[Side, ...]
     steps: Tensor  # (G,) the step each member is taking, compute dtype, on the device
+    first_step: int  # steps[0], on the host
     param_groups: dict[Side, Mapping[str, Any]]
     views: dict[Side, FactorView]
     g_hat: dict[Side, Tensor] = field(default_factory=dict)
@@ -188,6 +189,7 @@ def form_groups(
             pairs=chosen,
             active=key[0],
             steps=torch.tensor([s for _, s in members], dtype=cd, device=a.device),
+            first_step=members[0][1],
             param_groups={"a": param_group_of[chosen[0].a], "b": param_group_of[chosen[0].b]},
             views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
         )
@@ -346,7 +348,9 @@ class Snapshot:
     A group's factors and statistics are copied as stacked tensors (one copy each), so the cost is
     a few kernels per group and one pass over the state, not a Python loop over tensors."""
 
-    tensors: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)  # (live tensors, stacked copy)
+    factors: list[tuple[list[Tensor], Tensor]] = field(default_factory=list)  # (parameters, stacked copy)
+    stacked: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (stacked statistic, copy)
+    tensors: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (tensor, copy)
     entries: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (live, shallow copy)
     absent: list[tuple[MutableMapping[Tensor, Any], Tensor]] = field(default_factory=list)  # (state, parameter)
 
@@ -355,23 +359,23 @@ class Snapshot:
         groups: Sequence[Group], store: GroupStore, config: StepConfig, others: Sequence[Tensor], base: Optimizer
     ) -> Snapshot:
         snapshot = Snapshot()
+        delegated = config.rule.uses_base_step
         for group in groups:
             for side in SIDES:
                 params = group.params(side)
-                snapshot.tensors.append((params, torch.stack(params)))
-                if config.rule.uses_base_step:
+                snapshot.factors.append((params, torch.stack(params)))
+                if delegated:
                     stats = _base_statistics(store, params)
+                    # The base optimizer may add or replace entries: keep each entry's own objects.
+                    snapshot.entries += [(store.state[p], dict(store.state[p])) for p in params]
                 else:
                     stats = store.statistics(params, list(config.rule.state_kinds()))
                 records = [
                     store.stacked(params, key) for key in (BASIS_GRAM_KEY, SKETCH_KEY) if key in store.state[params[0]]
                 ]
-                for stacked in (*stats.values(), *records):
-                    snapshot.tensors.append((list(stacked.unbind(0)), stacked.clone()))
-                snapshot.entries += [(store.state[p], dict(store.state[p])) for p in params]
+                snapshot.stacked += [(t, t.clone()) for t in (*stats.values(), *records)]
         for p in others:
-            copies = [p.detach()] + ([p.grad] if p.grad is not None else [])
-            snapshot.tensors += [([t], t.clone()[None]) for t in copies]
+            snapshot.tensors += [(t, t.clone()) for t in ([p.detach()] + ([p.grad] if p.grad is not None else []))]
             entry = base.state.get(p)
             if entry is None:
                 snapshot.absent.append((base.state, p))  # a first step would create it
@@ -388,8 +392,10 @@ class Snapshot:
         for state, p in self.absent:
             state.pop(p, None)
         with torch.no_grad():
-            for live_tensors, copy in self.tensors:
-                torch._foreach_copy_([t.detach() for t in live_tensors], list(copy.unbind(0)))
+            for params, copy in self.factors:
+                torch._foreach_copy_([p.detach() for p in params], list(copy.unbind(0)))
+            for live_tensor, copy in self.stacked + self.tensors:
+                live_tensor.copy_(copy)  # a stacked statistic's rows are the state entries
 
 
 def pair_sq_norms(group: Group, full_space: bool) -> Tensor:
@@ -455,6 +461,13 @@ def _record_move(group: Group, side: Side, old: Tensor, store: GroupStore, new: 
     return transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
+def _balancing_step(group: Group, config: StepConfig) -> bool:
+    """Balance at steps 1, 2, 4, 8, 16 and then every 16th of the group's first member: often while
+    the factors' norms change fast from a peft start, rarely after (each balancing costs a few kernels)."""
+    step = group.first_step
+    return config.balance and ((step & (step - 1) == 0 and step <= 16) or step % 16 == 0)
+
+
 def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Tensor]], config: StepConfig) -> None:
     """Re-balance every member as ``(c B, A / c)``: ``s B A`` is unchanged (docs/math.md section 11).
 
@@ -513,7 +526,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
             t = _move(group, side, delta, store)
             partner = other_side(side)
             rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
-        if config.balance:
+        if _balancing_step(group, config):
             _balance(group, store, stats, config)
         return
     for side in SIDES:
@@ -523,7 +536,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
         t = _move(group, side, deltas[side], store)
         partner = other_side(side)
         rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
-    if config.balance:
+    if _balancing_step(group, config):
         _balance(group, store, stats, config)
 
 
@@ -612,7 +625,7 @@ def step_delegated(
             partner = other_side(side)
             partner_params = group.params(partner)
             config.rule.calibrate(_base_statistics(store, partner_params), t, group.views[partner], ctx[partner])
-        if config.balance:
+        if _balancing_step(group, config):
             _balance(group, store, {side: _base_statistics(store, group.params(side)) for side in SIDES}, config)
 
 
