@@ -39,6 +39,7 @@ from .layout import (
     BASIS_GRAM_KEY,
     OWN_KEYS,
     SKETCH_KEY,
+    STATS_FROM_KEY,
     STEP_KEY,
     basis_gram,
     basis_sketch,
@@ -118,8 +119,14 @@ class Group:
     param_groups: dict[Side, Mapping[str, Any]]
     views: dict[Side, FactorView]
     g_hat: dict[Side, Tensor] = field(default_factory=dict)
+    # Per side, where some member's statistics were reset: the steps they have seen, this one included.
+    ages: dict[Side, Tensor] = field(default_factory=dict)
     # Per side, (G,) flags: a Gram that may leave a direction unresolved (decided at the host sync).
     deficient: dict[Side, Tensor] = field(default_factory=dict)
+
+    def step_of(self, side: Side) -> Tensor:
+        """``(G,)``: the step each member's statistics of factor ``side`` are taking (for bias corrections)."""
+        return self.ages.get(side, self.steps)
 
     def params(self, side: Side) -> list[Tensor]:
         return [_factor(pair, side) for pair in self.pairs]
@@ -160,6 +167,7 @@ def form_groups(
     done: Mapping[int, int],
     param_group_of: Mapping[Tensor, Mapping[str, Any]],
     config: StepConfig,
+    state: State,
 ) -> list[Group]:
     """Group the pairs of ``done`` (pair index -> steps taken) and build their views and ``g_hat``."""
     buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
@@ -196,8 +204,17 @@ def form_groups(
         for side in SIDES:
             _lift_gradients(group, side, config)
             group.deficient[side] = needs_pseudo_inverse(group.views[side].gram, group.views[side].inverse)
+            _age(group, side, state)
         groups.append(group)
     return groups
+
+
+def _age(group: Group, side: Side, state: State) -> None:
+    """Record in ``group.ages`` the steps seen by statistics that were reset (none: nothing to do)."""
+    entries = [state[p] for p in group.params(side)]
+    if any(STATS_FROM_KEY in entry for entry in entries):
+        reset_at = [int(entry[STATS_FROM_KEY]) if STATS_FROM_KEY in entry else 0 for entry in entries]
+        group.ages[side] = group.steps - torch.tensor(reset_at, dtype=group.steps.dtype, device=group.steps.device)
 
 
 def _lift_gradients(group: Group, side: Side, config: StepConfig) -> None:
@@ -333,6 +350,9 @@ def _reset_after_outside_change(group: Group, member: int, side: Side, state: St
     for key, kind in rule.state_kinds().items():
         if kind is not StateKind.FULL_SPACE and isinstance(entry.get(key), Tensor):
             entry[key].zero_()
+    # Bias corrections start again: this step is the first these statistics see.
+    entry[STATS_FROM_KEY] = torch.tensor(int(group.steps[member]) - 1, dtype=torch.int64)
+    _age(group, side, state)
     entry = state[_factor(pair, partner)]
     entry[BASIS_GRAM_KEY].copy_(group.views[side].gram[member])
     if SKETCH_KEY in entry:
@@ -494,7 +514,7 @@ def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Ten
         if SKETCH_KEY in store.state[params[0]]:
             sketch = store.stacked(params, SKETCH_KEY)
             sketch.mul_(factor[side].to(sketch.dtype)[:, None])
-        ctx = Context.of(group.param_groups[side], group.steps, config.switches)
+        ctx = Context.of(group.param_groups[side], group.step_of(side), config.switches)
         config.rule.rescale(stats[side], factor[side], ctx)
 
 
@@ -515,7 +535,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
     """Observe both factors, move the active ones, calibrate their partners (all in place)."""
     rule = config.rule
     keys = list(rule.state_kinds())
-    ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
+    ctx = {side: Context.of(group.param_groups[side], group.step_of(side), config.switches) for side in SIDES}
     stats = {side: store.statistics(group.params(side), keys) for side in SIDES}
     if config.schedule.mode == "sequential":
         for side in group.active:  # a, then b over the moved a
@@ -619,7 +639,7 @@ def step_delegated(
     for params, values in kept:
         torch._foreach_copy_(params, list(values.unbind(0)))
     for group in groups:
-        ctx = {side: Context.of(group.param_groups[side], group.steps, config.switches) for side in SIDES}
+        ctx = {side: Context.of(group.param_groups[side], group.step_of(side), config.switches) for side in SIDES}
         for side in group.active:
             t = _record_move(group, side, group.views[side].coeff, store)
             partner = other_side(side)

@@ -11,7 +11,9 @@ statistics, and two keys of the wrapper's own:
 * ``lowrank_basis_sketch`` (replicated mode, in memory only): ``C w`` for a fixed vector ``w``
   with distinct entries, which also catches a change that keeps the Gram (the rows of ``B``
   permuted). It is a check, not state a resume needs: ``state_dict()`` leaves it out (so
-  checkpoints move between modes), and a step re-establishes it where it is missing.
+  checkpoints move between modes), and a step re-establishes it where it is missing;
+* ``lowrank_stats_from`` (only after a reset): the pair's step count when the factor's statistics
+  were reset after an outside change, so their bias corrections count from there.
 
 Every rank keeps the wrapper's keys of every pair; a sharded strategy keeps the statistics of a
 pair only where the pair is stepped.
@@ -41,6 +43,7 @@ __all__ = [
     "BASIS_GRAM_KEY",
     "WRAPPER_KEYS",
     "SKETCH_KEY",
+    "STATS_FROM_KEY",
     "OWN_KEYS",
     "basis_sketch",
     "ensure_sketches",
@@ -60,8 +63,9 @@ IDENTITY_KEY = "lowrank_opt_rule"  # "<rule>/<base optimizer class>": what wrote
 STEP_KEY = "lowrank_step"
 BASIS_GRAM_KEY = "lowrank_basis_gram"
 SKETCH_KEY = "lowrank_basis_sketch"
+STATS_FROM_KEY = "lowrank_stats_from"
 WRAPPER_KEYS = (STEP_KEY, BASIS_GRAM_KEY)  # in every factor's entry, on every rank
-OWN_KEYS = (*WRAPPER_KEYS, SKETCH_KEY)  # every key the wrapper may keep in a factor's entry
+OWN_KEYS = (*WRAPPER_KEYS, SKETCH_KEY, STATS_FROM_KEY)  # every key the wrapper may keep in a factor's entry
 
 
 def check_factors(pairs: Sequence[LoRAPair], group_of: Mapping[Tensor, Any]) -> None:

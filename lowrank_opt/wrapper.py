@@ -293,7 +293,7 @@ class LowRankWrapper(Optimizer):
         and the gradients of the other parameters."""
         done = steps_done(work.pairs, stepping_pairs(work.pairs), work.state)
         owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
-        groups = form_groups(work.pairs, owned, self._working_groups(work), self.config)
+        groups = form_groups(work.pairs, owned, self._working_groups(work), self.config, work.state)
         # Hyperparameters may change after construction (a scheduler, a user): refuse what the rule
         # cannot honour before anything moves.
         for param_group in {id(pg): pg for g in groups for pg in g.param_groups.values()}.values():

@@ -138,7 +138,7 @@ class LoFTAdafactor(CalibrationRule):
                     f"loft_adafactor: {view.pairs[i].name or 'a pair'} has no base weight; the relative step uses RMS(s B A)",
                     stacklevel=5,
                 )
-            elif w0 is not None and (refreshed[i] == 0 or counts[i] - refreshed[i] >= self.base_norm_every):
+            elif w0 is not None and (refreshed[i] == 0 or not 0 <= counts[i] - refreshed[i] < self.base_norm_every):
                 projected = view.basis[i].T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
                 cross = (projected.to(coeff.dtype) * coeff[i]).sum()
                 base_sq = torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s[i] * cross

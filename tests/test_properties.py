@@ -359,7 +359,7 @@ def test_bounded_growth_from_zero_b_with_rank_one_gradients(rule, shape, seed, s
 
 
 # ----------------------------------------------------------------------------------------------
-# (d) What is detected as an outside change of a factor: a change of its Gram.
+# (d) What is detected as an outside change of a factor: a change of its Gram, or of its sketch.
 
 
 @pytest.mark.parametrize("rule", RULES, ids=_ids(RULES))
@@ -373,8 +373,9 @@ def test_bounded_growth_from_zero_b_with_rank_one_gradients(rule, shape, seed, s
 )
 def test_an_outside_change_is_detected_exactly_when_it_changes_the_gram(rule, shape, seed, side, size, steps):
     """A relative change of ``size`` (at least 1e-10, far above the 100 eps(float64) drift
-    threshold) of either factor resets its partner's statistics with a warning; a change that keeps
-    the Gram (rows of ``B`` permuted, ``A`` rotated from the right) is not detected."""
+    threshold) of either factor resets its partner's statistics with a warning; so does a change
+    that keeps the Gram (rows of ``B`` permuted, ``A`` rotated from the right), which the sketch
+    ``C w`` sees (the replicated mode keeps one)."""
     m, n, r = shape
     a, b = factors(m, n, r, seed, zero_b=False)
     hyper = Hyper(lr=1.0, weight_decay=0.0, momentum=0.9, nesterov=False)
@@ -395,13 +396,16 @@ def test_an_outside_change_is_detected_exactly_when_it_changes_the_gram(rule, sh
     for loss in losses[:steps]:
         assert not step(loss)
     gen = torch.Generator().manual_seed(seed + 2)
+    before = getattr(pair, side).detach().clone()
     with torch.no_grad():
         if side == "b":
             pair.b.copy_(pair.b[torch.randperm(m, generator=gen)])
         else:
             rotation = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen)).Q
             pair.a.copy_(pair.a @ rotation)
-    assert not step(losses[steps]), "a change that keeps the Gram is not detected"
+    detected = step(losses[steps])
+    if not torch.equal(before, getattr(pair, side)):  # a permutation may happen to fix every row
+        assert detected, "a change that keeps the Gram is detected by the sketch"
     factor = getattr(pair, side)
     with torch.no_grad():
         change = torch.randn(factor.shape, dtype=torch.float64, generator=gen)
