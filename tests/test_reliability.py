@@ -330,3 +330,14 @@ def test_bias_corrections_start_again_with_statistics_reset_by_an_outside_change
     fresh_opt.step()  # b moves (the first step)
     assert torch.allclose(pair.b - before, fresh.b - before, rtol=1e-10, atol=0)
     assert int(opt.state[pair.b]["lowrank_stats_from"]) == 2
+
+
+def test_a_non_transactional_step_takes_no_copy_and_leaves_a_failed_step_half_done():
+    model, opt = _trained(lambda p: torch.optim.AdamW(p, lr=1e-2), transactional=False)
+    opt.state[model[2].weight]["exp_avg"] = torch.zeros(5)
+    opt.zero_grad()
+    _backward(model, 5)
+    before = _everything(model, opt)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert not _unchanged(before, _everything(model, opt))  # the factors moved before AdamW's step raised
