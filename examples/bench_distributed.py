@@ -33,7 +33,6 @@ import socket
 import statistics
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_step import AllocationPeak  # examples/ is the script's folder, first on the path
 from jsonargparse import CLI
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_opt as lo
 
@@ -67,39 +66,6 @@ class Layers(nn.Module):
 
     def forward(self, xs: list[Tensor]) -> Tensor:
         return sum(layer(x).square().mean() for layer, x in zip(self.layers, xs))  # type: ignore[return-value]
-
-
-class AllocationPeak(TorchDispatchMode):
-    """Peak bytes of the storages allocated while active (outputs that are not views of an input)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in _tensors([args, list((kwargs or {}).values())])}
-        for t in _tensors([out]):
-            storage = t.untyped_storage()
-            if storage.data_ptr() in seen or storage.nbytes() == 0:
-                continue
-            seen.add(storage.data_ptr())
-            self.live += storage.nbytes()
-            weakref.finalize(storage, self._release, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
-def _tensors(values: Any) -> list[Tensor]:
-    if isinstance(values, Tensor):
-        return [values]
-    if isinstance(values, (list, tuple)):
-        return [t for v in values for t in _tensors(v)]
-    return []
 
 
 class CommCounter:

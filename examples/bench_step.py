@@ -27,6 +27,7 @@ import statistics
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jsonargparse import CLI
@@ -104,8 +105,8 @@ METHODS: dict[str, tuple[str, Callable[..., Case]]] = {
 }
 
 
-class _AllocationPeak(TorchDispatchMode):
-    """Peak bytes of the tensors allocated (not views, not in-place results) while active."""
+class AllocationPeak(TorchDispatchMode):
+    """Peak bytes of the storages allocated while active (outputs that are not views of an input)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,28 +116,26 @@ class _AllocationPeak(TorchDispatchMode):
     def _release(self, nbytes: int) -> None:
         self.live -= nbytes
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) + _tensors(list((kwargs or {}).values()))}
-        for t in _tensors(out if isinstance(out, (list, tuple)) else [out]):
+        seen = {t.untyped_storage().data_ptr() for t in _tensors([args, list((kwargs or {}).values())])}
+        for t in _tensors([out]):
             storage = t.untyped_storage()
-            if storage.data_ptr() in inputs or storage.nbytes() == 0:
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
                 continue
-            inputs.add(storage.data_ptr())
+            seen.add(storage.data_ptr())
             self.live += storage.nbytes()
             weakref.finalize(storage, self._release, storage.nbytes())
         self.peak = max(self.peak, self.live)
         return out
 
 
-def _tensors(values) -> list[Tensor]:
-    out = []
-    for v in values:
-        if isinstance(v, Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out.extend(_tensors(v))
-    return out
+def _tensors(values: Any) -> list[Tensor]:
+    if isinstance(values, Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _tensors(v)]
+    return []
 
 
 def _set_grads(case: Case, gen: torch.Generator) -> None:
@@ -173,7 +172,7 @@ def _measure(case: Case, device: str, warmup: int, repeats: int) -> tuple[float,
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        with torch.no_grad(), _AllocationPeak() as tracker:
+        with torch.no_grad(), AllocationPeak() as tracker:
             case.optimizer.step()
         peak = tracker.peak
     return seconds, peak, _state_bytes(case)
