@@ -33,7 +33,7 @@ from torch import Tensor
 from .linalg import compute_dtype, gram
 from .pairs import LoRAPair
 from .rule import CalibrationRule, Context, Switches
-from .views import SIDES, Side, build_view
+from .views import SIDES, Side, view_of
 
 __all__ = [
     "STATE_VERSION",
@@ -128,7 +128,6 @@ def _canonical(side: Side, matrix: Tensor) -> Tensor:
 @torch.no_grad()
 def create_state(
     pairs: Sequence[LoRAPair],
-    values: Callable[[Tensor], Tensor],
     state: Mapping[Tensor, dict[str, Any]],
     rule: CalibrationRule,
     groups: Mapping[Tensor, Mapping[str, Any]],
@@ -137,26 +136,23 @@ def create_state(
 ) -> None:
     """Create every factor's state now, so a checkpoint has an entry per factor before step 1.
 
-    ``values(param)`` is the whole tensor of a factor (a gathered copy under FSDP2). Statistics
-    are created where this rank owns the pair and the rule keeps its own; the wrapper's keys
-    everywhere. Entries already holding the wrapper's keys (loaded) are left as they are.
+    ``pairs`` hold whole factors (gathered copies under FSDP2). Statistics are created where this
+    rank owns the pair and the rule keeps its own; the wrapper's keys everywhere. Entries already
+    holding the wrapper's keys (loaded) are left as they are.
     """
     for i, pair in enumerate(pairs):
-        a = pair.matrix_a(values(pair.a))[None]
-        b = pair.matrix_b(values(pair.b))[None]
-        cd = compute_dtype(a.dtype)
-        scale = torch.full((1, 1, 1), pair.scale, dtype=cd, device=a.device)
         for side, param in zip(SIDES, (pair.a, pair.b)):
             entry = state[param]
             if STEP_KEY in entry:
                 continue
+            view = view_of(pair, side)  # G = 1
             if owns(i) and not rule.uses_base_step:
-                view = build_view(side, [pair], a.to(cd), b.to(cd), scale)
-                ctx = Context.of(groups[param], torch.zeros(1, dtype=cd, device=a.device), switches)
+                ctx = Context.of(
+                    groups[param], torch.zeros(1, dtype=view.coeff.dtype, device=view.coeff.device), switches
+                )
                 entry.update({key: value[0].clone() for key, value in rule.init_state(view, ctx).items()})
-            matrix = a if side == "a" else b
             entry[STEP_KEY] = torch.zeros((), dtype=torch.int64)
-            entry[BASIS_GRAM_KEY] = basis_gram(_canonical(side, matrix[0]))
+            entry[BASIS_GRAM_KEY] = basis_gram(view.coeff[0])
 
 
 @contextmanager

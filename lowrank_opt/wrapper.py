@@ -184,16 +184,7 @@ class LowRankWrapper(Optimizer):
         self._model = model_or_pairs if isinstance(model_or_pairs, nn.Module) else None
         self._unsupported = unsupported
         advise(base_optimizer, config.rule.name, rule_options or {}, pairs, set(), enabled=advice)
-        with self._materialised() as work:
-            create_state(
-                work.pairs,
-                Tensor.detach,
-                work.state,
-                config.rule,
-                self._working_groups(work),
-                switches,
-                self.distributed.owns,
-            )
+        self._create_state()
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything but the derived store. The base optimizer travels as its class and attributes
@@ -246,16 +237,13 @@ class LowRankWrapper(Optimizer):
             raise
         self.pairs = [*self.pairs, *fresh]
         self._factors |= {f for pair in fresh for f in (pair.a, pair.b)}
-        with self._materialised() as work:  # entries that exist already are left as they are
-            create_state(
-                work.pairs,
-                Tensor.detach,
-                work.state,
-                self.rule,
-                self._working_groups(work),
-                self.config.switches,
-                self.distributed.owns,
-            )
+        self._create_state()  # entries that exist already are left as they are
+
+    def _create_state(self) -> None:
+        """Every factor's state entry, created now (those that exist are left as they are)."""
+        with self._materialised() as work:
+            owns = self.distributed.owns
+            create_state(work.pairs, work.state, self.rule, self._working_groups(work), self.config.switches, owns)
 
     def __repr__(self) -> str:
         return f"LowRankWrapper({type(self.base).__name__}, rule={self.rule!r}, pairs={len(self.pairs)}, schedule={self.schedule})"
