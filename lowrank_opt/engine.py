@@ -58,6 +58,8 @@ __all__ = [
     "GroupStore",
     "steps_done",
     "form_groups",
+    "base_products_due",
+    "attach_base_products",
     "check_inputs",
     "clip_coefficient",
     "run_step",
@@ -123,6 +125,8 @@ class Group:
     ages: dict[Side, Tensor] = field(default_factory=dict)
     # Per side, (G,) flags: a Gram that may leave a direction unresolved (decided at the host sync).
     deficient: dict[Side, Tensor] = field(default_factory=dict)
+    # (G, 2) ``(||W0||^2, <W0, B A>)`` and (G,) flags where they were computed for this step; None: none were.
+    base_products: tuple[Tensor, Tensor] | None = None
 
     def step_of(self, side: Side) -> Tensor:
         """``(G,)``: the step each member's statistics of factor ``side`` are taking (for bias corrections)."""
@@ -531,12 +535,34 @@ def _rebuilt_view(group: Group, side: Side, config: StepConfig) -> None:
     _lift_gradients(group, side, config)
 
 
+def base_products_due(done: Mapping[int, int], every: int | None) -> list[int]:
+    """The pairs of ``done`` (index -> steps taken) whose base products are due at this step:
+    steps ``1, 1 + every, 1 + 2 every, ...``; none when ``every`` is None."""
+    return [] if every is None else [i for i, steps in done.items() if steps % every == 0]
+
+
+def attach_base_products(groups: Sequence[Group], due: Sequence[int], products: Mapping[int, Tensor]) -> None:
+    """Give each group with members in ``due`` the rows of ``products`` (pair index -> (2,); absent
+    for a pair without a base weight) of its members."""
+    wanted = set(due)
+    for group in groups:
+        if wanted.isdisjoint(group.indices):
+            continue
+        present = [i in products for i in group.indices]
+        like = group.views["a"].gram
+        rows = [products[i].to(like) if i in products else like.new_zeros(2) for i in group.indices]
+        group.base_products = (torch.stack(rows), torch.tensor(present, device=like.device))
+
+
 def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
     """Observe both factors, move the active ones, calibrate their partners (all in place)."""
     rule = config.rule
     keys = list(rule.state_kinds())
     ctx = {side: Context.of(group.param_groups[side], group.step_of(side), config.switches) for side in SIDES}
     stats = {side: store.statistics(group.params(side), keys) for side in SIDES}
+    if group.base_products is not None:
+        for side in SIDES:
+            rule.record_base_products(stats[side], *group.base_products, group.views[side], ctx[side])
     if config.schedule.mode == "sequential":
         for side in group.active:  # a, then b over the moved a
             if side != group.active[0]:

@@ -18,6 +18,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .linalg import compute_dtype
+from .quantized import BLOCK_ELEMENTS, dequantized, logical_shape, project_rows
+
 __all__ = ["new_pairs_among", "LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
 
 
@@ -67,7 +70,7 @@ class LoRAPair:
             raise ValueError(f"{label}: scale must be a finite non-zero number, got {self.scale!r}")
         if self.base_weight is not None:
             m, n = self.full_shape
-            base_shape = _logical_shape(self.base_weight, label)
+            base_shape = logical_shape(self.base_weight, label)
             lead = n if self.base_transposed else m
             if math.prod(base_shape) != m * n or (base_shape and base_shape[0] != lead):
                 raise ValueError(f"{label}: base_weight is {base_shape} but b @ a is {self.full_shape}")
@@ -92,49 +95,34 @@ class LoRAPair:
     def base_matrix(self) -> Tensor | None:
         """``W0`` as the ``(m, n)`` matrix (detached), read from the live tensor; ``None`` without one.
 
-        A bitsandbytes-quantized base is dequantized here, on each call, to its compute dtype (4-bit)
-        or float32 (8-bit); rules that never read ``W0`` never pay for it.
+        A bitsandbytes-quantized base is dequantized whole here, on each call, to its compute dtype
+        (4-bit) or float32 (8-bit): for rules that need ``W0`` itself. The built-in rules need only
+        :meth:`base_products`, which never holds more than a block of it.
         """
         if self.base_weight is None:
             return None
-        w = _dequantized(self.base_weight).detach()
+        w = dequantized(self.base_weight, self.name or "base_matrix")
         if self.base_transposed:
             return rearrange(w, "n m -> m n")
         return rearrange(w, "m ... -> m (...)")
 
+    def base_products(self, block_elements: int = BLOCK_ELEMENTS) -> Tensor | None:
+        """``(||W0||^2, <W0, b a>)`` as a ``(2,)`` tensor in the factors' compute dtype, from the live
+        tensors; ``None`` without a base weight.
 
-def _bitsandbytes(weight: Tensor, label: str) -> Any:
-    """The bitsandbytes module, for a base weight that is not floating point (only it makes such bases)."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ValueError(
-            f"{label}: base_weight of dtype {weight.dtype} is neither floating point nor a bitsandbytes quantized weight"
-        ) from None
-    return bitsandbytes
-
-
-def _logical_shape(weight: Tensor, label: str) -> tuple[int, ...]:
-    """The shape of the weight a base holds; a 4-bit weight stores it packed, in its quant state."""
-    if not weight.is_floating_point():
-        bnb = _bitsandbytes(weight, label)
-        if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
-            return tuple(weight.quant_state.shape)
-    return tuple(weight.shape)
-
-
-def _dequantized(weight: Tensor) -> Tensor:
-    """``weight`` itself when floating point, else a floating-point copy of a bitsandbytes weight."""
-    if weight.is_floating_point():
-        return weight
-    bnb = _bitsandbytes(weight, "base_matrix")
-    with torch.no_grad():
-        if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
-            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        if isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
-            # Row-wise absmax int8: W = CB * SCB / 127.
-            return weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127)
-    raise ValueError(f"a {type(weight).__name__} base weight of dtype {weight.dtype} cannot be dequantized")
+        ``W0`` is read ``block_elements`` at a time in its stored layout (a quantized base is
+        dequantized block by block, :func:`~lowrank_opt.quantized.project_rows`): with ``R`` the
+        factor along its stored rows, ``<W0, b a> = <R^T W0, P>``, where ``R = b, P = a`` for ``W0``
+        stored ``(m, n)`` and ``R = a^T, P = b^T`` for ``W0^T`` stored ``(n, m)``.
+        """
+        if self.base_weight is None:
+            return None
+        dtype = compute_dtype(self.a.dtype)
+        a = self.matrix_a(self.a.detach()).to(dtype)
+        b = self.matrix_b(self.b.detach()).to(dtype)
+        rows, partner = (a.T, b.T) if self.base_transposed else (b, a)
+        sq_norm, projected = project_rows(self.base_weight, rows, block_elements, self.name or "base_weight")
+        return torch.stack((sq_norm, (projected * partner).sum()))
 
 
 def _describe(x: object) -> str:

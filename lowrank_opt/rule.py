@@ -9,7 +9,9 @@ through a :class:`~lowrank_opt.views.FactorView` (coefficients ``C`` (G, r, l) o
 * :meth:`CalibrationRule.init_state`: the statistics of one factor of every member, as tensors;
 * :meth:`CalibrationRule.observe`: fold in the coefficient gradient ``g_hat`` (every step, both factors);
 * :meth:`CalibrationRule.update`: the step ``Delta`` of the active factor, its own learning rate
-  included, such that the engine moves ``C <- C (1 - lr wd) - Delta``.
+  included, such that the engine moves ``C <- C (1 - lr wd) - Delta``;
+* optionally, :meth:`CalibrationRule.record_base_products`: the frozen weight's ``||W0||^2`` and
+  ``<W0, B A>`` every ``base_products_every`` steps, read block by block (never ``W0`` whole).
 
 Hyperparameters arrive in an immutable :class:`Context`. The engine owns everything else: the
 gradient lift, clipping, decoupled decay, the move, the transport ``T`` and the calibration of the
@@ -144,8 +146,12 @@ class CalibrationRule:
     name: ClassVar[str] = ""
     serves: ClassVar[tuple[type[Optimizer], ...]] = ()
     uses_base_step: ClassVar[bool] = False
-    # Whether the rule reads the frozen base weight (W0); sharded strategies gather it only then.
+    # Whether the rule reads the frozen base weight (W0) whole, through FactorView.base_matrices();
+    # sharded strategies gather it only then.
     reads_base_weight: ClassVar[bool] = True
+    # Every how many steps of a pair the rule wants ||W0||^2 and <W0, B A> (record_base_products);
+    # None: never. Strategies compute them from shards, never gathering W0.
+    base_products_every: int | None = None
 
     @classmethod
     def for_optimizer(cls, optimizer: Optimizer, **options: Any) -> CalibrationRule:
@@ -181,6 +187,14 @@ class CalibrationRule:
         Statistics are kept in the compute dtype (``view.coeff.dtype``: float32 for half-precision
         factors, float64 for float64 ones), on the factors' device."""
         raise NotImplementedError
+
+    def record_base_products(
+        self, state: dict[str, Tensor], products: Tensor, fresh: Tensor, view: FactorView, ctx: Context
+    ) -> None:
+        """Called for both factors of a group, before :meth:`observe`, at a step where some members'
+        base products were computed (see ``base_products_every``): ``products`` (G, 2) holds
+        ``(||W0||^2, <W0, B A>)`` from the factors before this step, valid where ``fresh`` (G,) is
+        true (a member due now that has a base weight)."""
 
     def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
         """Fold ``g_hat`` (G, r, l) into the statistics, in place."""

@@ -29,6 +29,8 @@ from .engine import (
     GroupStore,
     Snapshot,
     StepConfig,
+    attach_base_products,
+    base_products_due,
     check_inputs,
     clip_coefficient,
     describe_gradients,
@@ -370,6 +372,9 @@ class LowRankWrapper(Optimizer):
                 for p in group["params"]
                 if p.grad is not None and p not in self._factors
             ]
+            due = base_products_due(done, self.rule.base_products_every)
+            if due:
+                attach_base_products(groups, due, self.distributed.base_products(work, due))
             snapshot = (
                 Snapshot.take(groups, store, self.config, other_params, self.base) if self.transactional else None
             )

@@ -35,10 +35,12 @@ Departures from ``torch.optim.Adafactor``:
 
 * Decoupled decay multiplies the factor, which decays ``s B A`` rather than ``W`` (``W0`` is
   frozen).
-* The base-weight terms of ``RMS(W)`` cost one ``(r, k) @ (k, l)`` product with ``W0`` per step,
-  which dominates the step for large layers. ``base_norm_every = N`` recomputes them when the
-  factor moves at least ``N`` steps after their last refresh and keeps them in between (``N = 1``,
-  the default, is torch's rule). A pair without a base weight uses ``RMS(s B A)``, with a warning.
+* The base-weight terms of ``RMS(W)`` cost one ``(r, m) @ (m, n)`` product with ``W0`` per
+  refresh, which dominates the step for large layers; the engine computes them block by block
+  (a quantized ``W0`` is dequantized one block at a time; sharded ones are reduced from their
+  shards). ``base_norm_every = N`` refreshes them at a pair's steps ``1, 1 + N, 1 + 2N, ...``
+  from the factors before that step and keeps them in between (``N = 1``, the default, is
+  torch's rule). A pair without a base weight uses ``RMS(s B A)``, with a warning.
 * ``eps1 = 0`` is refused: a factor that starts at zero gives zero statistics, and torch would
   divide by them.
 """
@@ -65,6 +67,7 @@ class LoFTAdafactor(CalibrationRule):
 
     name = "loft_adafactor"
     serves = (torch.optim.Adafactor,)
+    reads_base_weight = False  # only through record_base_products
 
     def __init__(self, block_elements: int = 1 << 22, base_norm_every: int = 1) -> None:
         if not isinstance(block_elements, int) or block_elements < 1:
@@ -73,6 +76,7 @@ class LoFTAdafactor(CalibrationRule):
             raise ValueError(f"base_norm_every must be a positive integer, got {base_norm_every!r}")
         self.block_elements = block_elements
         self.base_norm_every = base_norm_every
+        self.base_products_every = base_norm_every
         self._warned_no_base = False  # the warning below, once per rule instance (one per wrapper)
 
     def __repr__(self) -> str:
@@ -92,8 +96,21 @@ class LoFTAdafactor(CalibrationRule):
         def zeros(*shape: int) -> Tensor:
             return torch.zeros((view.coeff.shape[0], *shape), dtype=view.coeff.dtype, device=view.coeff.device)
 
-        # base_sq_norm: ||W0||^2 + 2 s <W0, B A>, refreshed at step base_norm_step (see base_norm_every).
+        # base_sq_norm: ||W0||^2 + 2 s <W0, B A>, refreshed at step base_norm_step (see record_base_products).
         return {"row_var": zeros(m), "col_var": zeros(n), "base_sq_norm": zeros(), "base_norm_step": zeros()}
+
+    def record_base_products(
+        self, state: dict[str, Tensor], products: Tensor, fresh: Tensor, view: FactorView, ctx: Context
+    ) -> None:
+        """``base_sq_norm <- ||W0||^2 + 2 s <W0, B A>`` where ``fresh``."""
+        if not self._warned_no_base and any(pair.base_weight is None for pair in view.pairs):
+            self._warned_no_base = True
+            name = next(pair.name for pair in view.pairs if pair.base_weight is None) or "a pair"
+            warnings.warn(f"loft_adafactor: {name} has no base weight; the relative step uses RMS(s B A)", stacklevel=5)
+        products = products.to(state["base_sq_norm"].dtype)
+        share = products[:, 0] + 2 * view.scale[:, 0, 0].to(products.dtype) * products[:, 1]
+        state["base_sq_norm"].copy_(torch.where(fresh, share, state["base_sq_norm"]))
+        state["base_norm_step"].copy_(torch.where(fresh, ctx.step.to(products.dtype), state["base_norm_step"]))
 
     def observe(self, state: dict[str, Tensor], g_hat: Tensor, view: FactorView, ctx: Context) -> None:
         g = -g_hat if ctx.group.get("maximize", False) else g_hat
@@ -130,20 +147,6 @@ class LoFTAdafactor(CalibrationRule):
         s = view.scale[:, 0, 0]
         coeff = view.coeff
         sq = s * s * (view.gram * gram(coeff)).sum((-2, -1))  # ||s B A||^2 = s^2 sum((B^T B) * (A A^T))
-        counts, refreshed = ctx.step.tolist(), state["base_norm_step"].tolist()
-        for i, w0 in enumerate(view.base_matrices()):
-            if w0 is None and not self._warned_no_base:
-                self._warned_no_base = True
-                warnings.warn(
-                    f"loft_adafactor: {view.pairs[i].name or 'a pair'} has no base weight; the relative step uses RMS(s B A)",
-                    stacklevel=5,
-                )
-            elif w0 is not None and (refreshed[i] == 0 or not 0 <= counts[i] - refreshed[i] < self.base_norm_every):
-                projected = view.basis[i].T.to(w0.dtype) @ w0  # F^T W0: (r, k) @ (k, l) -> (r, l)
-                cross = (projected.to(coeff.dtype) * coeff[i]).sum()
-                base_sq = torch.linalg.vector_norm(w0, dtype=coeff.dtype).square() + 2 * s[i] * cross
-                state["base_sq_norm"][i] = base_sq.to(state["base_sq_norm"].dtype)
-                state["base_norm_step"][i] = counts[i]
         sq = sq + state["base_sq_norm"].to(sq.dtype)
         m, n = view.full_shape
         return (sq.clamp(min=0) / (m * n)).sqrt()

@@ -10,6 +10,8 @@ points and gives data back. It never changes the wrapper's pairs or param groups
   tensors with their gradients and state entries (:class:`Materialised`), and writes back on exit
   what the step changed (FSDP2 gathers and re-shards there; the other modes hand over their own
   tensors);
+* :meth:`DistributedStrategy.base_products`: the frozen weights' products a rule asked for
+  (``base_products_every``), never gathering a base weight;
 * :meth:`DistributedStrategy.finite_flags`, :meth:`DistributedStrategy.reduce_pair_squares` and
   :meth:`DistributedStrategy.squared_norm`: the finiteness check and the clipping norms, agreed
   over ranks where the work or the tensors are split;
@@ -95,6 +97,18 @@ class DistributedStrategy:
 
         ``with_bases``: the rule reads the frozen base weights, so they must be whole too."""
         yield Materialised(list(pairs), state)
+
+    def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
+        """``(||W0||^2, <W0, B A>)`` (2,) of each pair of ``due`` that this rank owns and that has a
+        base weight, from the factors before the step, keyed by pair index; ``due`` is the same on
+        every rank. Here: read from the whole base weight block by block (:meth:`LoRAPair.base_products`)."""
+        products = {}
+        for i in due:
+            if self.owns(i):
+                value = work.pairs[i].base_products()
+                if value is not None:
+                    products[i] = value
+        return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         """Whether each gradient of the step (the factors' of the stepping pairs, then the other

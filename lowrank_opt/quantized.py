@@ -1,0 +1,157 @@
+"""Frozen base weights read block by block: plain floating-point tensors and bitsandbytes' quantized ones.
+
+A rule that needs the base weight ``W0`` needs it only through reductions (``||W0||^2`` and
+``R^T W0`` for a thin factor ``R``), so ``W0`` is read a block of consecutive stored rows at a
+time. A floating-point weight is sliced (no copy); a quantized one (QLoRA) is dequantized one
+block at a time, so at most one block of floating-point values exists at once, never the matrix:
+
+* bitsandbytes 8-bit (``Int8Params``): row-wise absmax, ``W[i] = CB[i] SCB[i] / 127``;
+* bitsandbytes 4-bit (``Params4bit``, NF4 or FP4): ``W`` flattened row-major in blocks of
+  ``blocksize`` elements, each scaled by its absmax (itself 8-bit quantized with a second
+  state when ``compress_statistics``); a block of rows whose first element starts a
+  quantization block is dequantized alone, with the slice of the (dequantized) absmax it covers.
+
+bitsandbytes is imported only for a weight that is not floating point, which only it makes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK_ELEMENTS", "dequantized", "logical_shape", "project_rows", "row_blocks"]
+
+# Floating-point elements of ``W0`` a reduction holds at once (4 MiB in float32).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _bitsandbytes(weight: Tensor, label: str) -> Any:
+    """The bitsandbytes module, for a base weight that is not floating point (only it makes such bases)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError(
+            f"{label}: base_weight of dtype {weight.dtype} is neither floating point nor a bitsandbytes quantized weight"
+        ) from None
+    return bitsandbytes
+
+
+def _four_bit_state(weight: Tensor, label: str) -> Any:
+    """The quant state of a bitsandbytes 4-bit weight in the standard packing, or ``None`` for another weight."""
+    bnb = _bitsandbytes(weight, label)
+    if not isinstance(weight, bnb.nn.Params4bit) or weight.quant_state is None:
+        return None
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"{label}: the 4-bit base weight is in bitsandbytes' CPU inference packing (set by a forward in "
+            "eval mode without gradients); load the model again, or run that forward in train mode"
+        )
+    return state
+
+
+def logical_shape(weight: Tensor, label: str) -> tuple[int, ...]:
+    """The shape of the weight a base holds; a 4-bit weight stores it packed, in its quant state."""
+    if not weight.is_floating_point():
+        state = _four_bit_state(weight, label)
+        if state is not None:
+            return tuple(state.shape)
+    return tuple(weight.shape)
+
+
+def row_blocks(weight: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = "base_weight") -> Iterator[Tensor]:
+    """The stored weight as a matrix ``(rows, cols)`` (trailing dimensions flattened), in blocks of
+    consecutive rows, each a floating-point ``(rows_k, cols)`` tensor of at most ``max_elements``
+    elements (at least one row, more where a 4-bit block must start on a quantization block).
+
+    Detached; slices of a floating-point weight, dequantized copies of a quantized one.
+    """
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements!r}")
+    shape = logical_shape(weight, label)
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:])
+    if weight.is_floating_point():
+        matrix = weight.detach().reshape(rows, cols)
+        step = max(1, max_elements // max(cols, 1))
+        for start in range(0, rows, step):
+            yield matrix[start : start + step]
+        return
+    state = _four_bit_state(weight, label)
+    if state is not None:
+        yield from _four_bit_blocks(weight, state, rows, cols, max_elements)
+        return
+    bnb = _bitsandbytes(weight, label)
+    if isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
+        step = max(1, max_elements // max(cols, 1))
+        scales = weight.SCB.detach().float() / 127
+        codes = weight.detach().reshape(rows, cols)
+        for start in range(0, rows, step):
+            yield codes[start : start + step].float() * scales[start : start + step, None]
+        return
+    raise ValueError(f"{label}: a {type(weight).__name__} base weight of dtype {weight.dtype} cannot be dequantized")
+
+
+def _four_bit_blocks(weight: Tensor, state: Any, rows: int, cols: int, max_elements: int) -> Iterator[Tensor]:
+    """Row blocks of a 4-bit weight, each dequantized alone (see the module docstring)."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    size = state.blocksize
+    # Rows per block: a multiple of the rows after which a quantization block starts again.
+    aligned = size // math.gcd(cols, size)
+    step = max(aligned, max_elements // max(cols, 1) // aligned * aligned)
+    absmax = state.absmax
+    if state.nested:  # the absmax values are quantized too: dequantize them once (m n / blocksize of them)
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    packed = weight.detach().reshape(-1)  # two 4-bit codes per byte, row-major
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            first, last = start * cols, (start + count) * cols  # elements [first, last)
+            part = QuantState(
+                absmax=absmax[first // size : -(-last // size)],
+                shape=torch.Size((count, cols)),
+                code=state.code,
+                blocksize=size,
+                quant_type=state.quant_type,
+                dtype=state.dtype,
+            )
+            yield dequantize_4bit(packed[first // 2 : -(-last // 2)].reshape(-1, 1), part)
+
+
+def dequantized(weight: Tensor, label: str = "base_weight") -> Tensor:
+    """The whole weight as a floating-point tensor of its logical shape: ``weight`` itself (detached)
+    when floating point, else the row blocks of :func:`row_blocks` laid end to end."""
+    if weight.is_floating_point():
+        return weight.detach()
+    shape = logical_shape(weight, label)
+    return torch.cat(list(row_blocks(weight, label=label))).reshape(shape)
+
+
+def project_rows(
+    weight: Tensor, row_factor: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = "base_weight"
+) -> tuple[Tensor, Tensor]:
+    """``(||W||^2, R^T W)`` for the stored weight ``W`` seen as ``(rows, cols)`` and ``R (rows, r)``,
+    read block by block (:func:`row_blocks`): a 0-dim tensor and an ``(r, cols)`` one, accumulated
+    in ``row_factor``'s dtype. Only one block of ``W`` is floating point at once."""
+    dtype = row_factor.dtype
+    sq_norm = torch.zeros((), dtype=dtype, device=row_factor.device)
+    projected: Tensor | None = None
+    start = 0
+    for block in row_blocks(weight, max_elements, label):
+        block = block.to(row_factor.device, dtype)
+        count = block.shape[0]
+        sq_norm += torch.linalg.vector_norm(block).square()
+        part = row_factor[start : start + count].T @ block  # (r, rows_k) @ (rows_k, cols)
+        projected = part if projected is None else projected.add_(part)
+        start += count
+    if start != row_factor.shape[0]:
+        raise ValueError(f"{label}: the weight has {start} rows but the factor {row_factor.shape[0]}")
+    assert projected is not None  # a weight has at least one row
+    return sq_norm, projected
