@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 __all__ = ["BLOCK_ELEMENTS", "dequantized", "logical_shape", "project_rows", "row_blocks"]
@@ -114,15 +115,17 @@ def _four_bit_blocks(weight: Tensor, state: Any, rows: int, cols: int, max_eleme
         for start in range(0, rows, step):
             count = min(step, rows - start)
             first, last = start * cols, (start + count) * cols  # elements [first, last)
+            # A flat shape: bitsandbytes' CPU kernel misreads 2-D shapes whose rows are not whole blocks.
             part = QuantState(
                 absmax=absmax[first // size : -(-last // size)],
-                shape=torch.Size((count, cols)),
+                shape=torch.Size((count * cols,)),
                 code=state.code,
                 blocksize=size,
                 quant_type=state.quant_type,
                 dtype=state.dtype,
             )
-            yield dequantize_4bit(packed[first // 2 : -(-last // 2)].reshape(-1, 1), part)
+            flat = dequantize_4bit(packed[first // 2 : -(-last // 2)].reshape(-1, 1), part)
+            yield rearrange(flat, "... (rows cols) -> (... rows) cols", cols=cols)
 
 
 def dequantized(weight: Tensor, label: str = "base_weight") -> Tensor:
