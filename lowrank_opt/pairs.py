@@ -18,7 +18,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .linalg import compute_dtype
 from .quantized import BLOCK_ELEMENTS, dequantized, logical_shape, project_rows
 
 __all__ = ["new_pairs_among", "LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
@@ -107,22 +106,27 @@ class LoRAPair:
         return rearrange(w, "m ... -> m (...)")
 
     def base_products(self, block_elements: int = BLOCK_ELEMENTS) -> Tensor | None:
-        """``(||W0||^2, <W0, b a>)`` as a ``(2,)`` tensor in the factors' compute dtype, from the live
-        tensors; ``None`` without a base weight.
+        """``(||W0||^2, <W0, b a>)`` as a float64 ``(2,)`` tensor, from the live tensors; ``None``
+        without a base weight.
 
         ``W0`` is read ``block_elements`` at a time in its stored layout (a quantized base is
         dequantized block by block, :func:`~lowrank_opt.quantized.project_rows`): with ``R`` the
         factor along its stored rows, ``<W0, b a> = <R^T W0, P>``, where ``R = b, P = a`` for ``W0``
-        stored ``(m, n)`` and ``R = a^T, P = b^T`` for ``W0^T`` stored ``(n, m)``.
+        stored ``(m, n)`` and ``R = a^T, P = b^T`` for ``W0^T`` stored ``(n, m)``. Float64 makes
+        the result independent, to float64 rounding, of how the rows are split (blocks here,
+        shards under FSDP2): the same float32 value either way.
         """
         if self.base_weight is None:
             return None
-        dtype = compute_dtype(self.a.dtype)
-        a = self.matrix_a(self.a.detach()).to(dtype)
-        b = self.matrix_b(self.b.detach()).to(dtype)
-        rows, partner = (a.T, b.T) if self.base_transposed else (b, a)
+        rows, partner = self.base_row_factors(self.a.detach(), self.b.detach())
         sq_norm, projected = project_rows(self.base_weight, rows, block_elements, self.name or "base_weight")
         return torch.stack((sq_norm, (projected * partner).sum()))
+
+    def base_row_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``, in float64:
+        ``R`` runs along the stored rows of ``W0`` (``b`` or ``a^T``), ``P`` is the other one."""
+        a, b = self.matrix_a(a).double(), self.matrix_b(b).double()
+        return (a.T, b.T) if self.base_transposed else (b, a)
 
 
 def _describe(x: object) -> str:

@@ -142,19 +142,20 @@ def project_rows(
 ) -> tuple[Tensor, Tensor]:
     """``(||W||^2, R^T W)`` for the stored weight ``W`` seen as ``(rows, cols)`` and ``R (rows, r)``,
     read block by block (:func:`row_blocks`): a 0-dim tensor and an ``(r, cols)`` one, accumulated
-    in ``row_factor``'s dtype. Only one block of ``W`` is floating point at once."""
+    in ``row_factor``'s dtype. Only one block of ``W`` is floating point at once; a weight with no
+    rows (an empty shard) gives zeros."""
     dtype = row_factor.dtype
+    shape = logical_shape(weight, label)
+    cols = math.prod(shape[1:])
     sq_norm = torch.zeros((), dtype=dtype, device=row_factor.device)
-    projected: Tensor | None = None
+    projected = torch.zeros((row_factor.shape[-1], cols), dtype=dtype, device=row_factor.device)
     start = 0
     for block in row_blocks(weight, max_elements, label):
         block = block.to(row_factor.device, dtype)
         count = block.shape[0]
         sq_norm += torch.linalg.vector_norm(block).square()
-        part = row_factor[start : start + count].T @ block  # (r, rows_k) @ (rows_k, cols)
-        projected = part if projected is None else projected.add_(part)
+        projected.addmm_(row_factor[start : start + count].T, block)  # (r, rows_k) @ (rows_k, cols)
         start += count
     if start != row_factor.shape[0]:
         raise ValueError(f"{label}: the weight has {start} rows but the factor {row_factor.shape[0]}")
-    assert projected is not None  # a weight has at least one row
     return sq_norm, projected

@@ -5,7 +5,7 @@ be split across its shards; instead each pair is owned by one rank of the shard 
 as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pairs`):
 
 1. before the step, the shards of each owned pair's factors and gradients (and, for a rule that
-   reads it, the base weight ``W0``) are gathered to the owner only, bucketed: one ``gather`` per
+   reads it whole, the base weight ``W0``) are gathered to the owner only, bucketed: one ``gather`` per
    owner and dtype for every ``bucket_bytes`` of whole tensors, the next one issued before the
    last one is unpacked;
 2. the owner steps its pairs exactly as a single process would, on whole plain tensors; its
@@ -18,8 +18,10 @@ Per rank, statistics, step compute and in-step memory (whole factors, gradients 
 temporaries) are those of about ``1 / world`` of the pairs: they fall with the shard group's
 size, also when it exceeds ``r`` (a statistic shaped like ``A`` (r, n) is never split by rows).
 Communication per step: ``r (m + n)`` elements of factors and as many of gradients per stepping
-pair in, ``r (m or n)`` plus ``r^2`` per moved factor out; ``m n`` more per pair for a rule that
-reads ``W0``. The finiteness verdict is one all-reduce over every rank; clipping adds one
+pair in, ``r (m or n)`` plus ``r^2`` per moved factor out. A rule that reads ``W0`` only through
+``||W0||^2`` and ``<W0, B A>`` (LoFT-Adafactor) gets them reduced from the shards at the steps it
+asks for (:meth:`FSDP2.base_products`): ``r n`` elements per pair, never ``W0``; ``m n`` more per
+pair for a rule that reads ``W0`` whole. The finiteness verdict is one all-reduce over every rank; clipping adds one
 all-reduce over the shard group for the pairs and one for the other parameters.
 
 HSDP (a 2-D mesh, ``(Replicate(), Shard(0))``): ownership is over the shard dimension; each
@@ -44,6 +46,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..engine import finite_flags
 from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair
+from ..quantized import project_rows
 from ..rule import CalibrationRule
 from .sharded import assign_pairs, pair_costs
 from .strategy import (
@@ -203,6 +206,46 @@ class FSDP2(DistributedStrategy):
                 sends.append((self.owners[i], work, None))
         grams = [state[getattr(pairs[i], side)] for i, side in moved]
         self._scatter(sends, grams)
+
+    def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
+        """``(||W0||^2, <W0, B A>)`` of the due pairs, reduced from the shards of ``W0``: never gathered.
+
+        Each rank projects its rows of ``W0`` on the same rows of the factor ``R`` that runs along
+        them (``B``, whose rows ``fully_shard`` splits like those of ``W0``; or, for ``W0^T``, rows
+        of ``A^T``, from ``A`` all-gathered, ``r n`` elements): ``||W0_rows||^2`` and
+        ``R_rows^T W0_rows`` (r, cols), in float64. One all-reduce over the shard group sums
+        them; the owner finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a
+        DTensor is read whole by the owner.
+        """
+        products: dict[int, Tensor] = {}
+        partials: list[tuple[int, Tensor, Tensor | None]] = []  # (pair, float64 [sq, R^T W0], partner on the owner)
+        for i in due:
+            pair = work.pairs[i]
+            if pair.base_weight is None:
+                continue
+            if not isinstance(pair.base_weight, DTensor):
+                if self.owns(i):
+                    products[i] = pair.base_products()  # type: ignore[assignment]
+                continue
+            original_a, original_b = (work.originals.get(f, f) for f in (pair.a, pair.b))
+            if pair.base_transposed:  # rows of W0^T are columns of A, whose shards hold rows of A
+                whole_a = original_a.detach().full_tensor()  # type: ignore[attr-defined]
+                rows = self._rows_of(pair.matrix_a(whole_a).double().T, self.rank)
+            else:  # fully_shard splits the rows of B as those of W0
+                rows = pair.matrix_b(_local(original_b).detach()).double()
+            # On the owner the working factors are whole: its partner P.
+            partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1] if self.owns(i) else None
+            base_rows = pair.base_weight.to_local()
+            sq_norm, projected = project_rows(base_rows, rows, label=pair.name or "base_weight")
+            partials.append((i, torch.cat((sq_norm[None], projected.flatten())), partner))
+        if partials:
+            flat = torch.cat([p for _, p, _ in partials]).to(comm_device(self._shard_group))
+            dist.all_reduce(flat, group=self._shard_group)
+            for (i, part, partner), summed in zip(partials, flat.split([p.numel() for _, p, _ in partials])):
+                if partner is not None:
+                    summed = summed.to(part.device)
+                    products[i] = torch.stack((summed[0], (summed[1:].view_as(partner) * partner).sum()))
+        return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         """Checked on this rank's pieces (whole gradients of owned pairs, local shards of the
