@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .quantized import BLOCK_ELEMENTS, dequantized, logical_shape, project_rows
+from .quantized import dequantized, logical_shape, project_rows
 
 __all__ = ["new_pairs_among", "LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
 
@@ -105,11 +105,12 @@ class LoRAPair:
             return rearrange(w, "n m -> m n")
         return rearrange(w, "m ... -> m (...)")
 
-    def base_products(self, block_elements: int = BLOCK_ELEMENTS) -> Tensor | None:
+    def base_products(self, block_elements: int | None = None) -> Tensor | None:
         """``(||W0||^2, <W0, b a>)`` as a float64 ``(2,)`` tensor, from the live tensors; ``None``
         without a base weight.
 
-        ``W0`` is read ``block_elements`` at a time in its stored layout (a quantized base is
+        ``W0`` is read ``block_elements`` at a time (by default
+        :func:`~lowrank_opt.quantized.block_elements` of its device) in its stored layout (a quantized base is
         dequantized block by block, :func:`~lowrank_opt.quantized.project_rows`): with ``R`` the
         factor along its stored rows, ``<W0, b a> = <R^T W0, P>``, where ``R = b, P = a`` for ``W0``
         stored ``(m, n)`` and ``R = a^T, P = b^T`` for ``W0^T`` stored ``(n, m)``. Float64 makes

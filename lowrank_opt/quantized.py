@@ -24,10 +24,25 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["BLOCK_ELEMENTS", "dequantized", "logical_shape", "project_rows", "row_blocks"]
+__all__ = [
+    "ACCELERATOR_BLOCK_ELEMENTS",
+    "BLOCK_ELEMENTS",
+    "block_elements",
+    "dequantized",
+    "logical_shape",
+    "project_rows",
+    "row_blocks",
+]
 
-# Floating-point elements of ``W0`` a reduction holds at once (4 MiB in float32).
-BLOCK_ELEMENTS = 1 << 20
+# Elements of ``W0`` a reduction holds at once in floating point (each block is copied to float64
+# for the products): 512 KiB on a CPU; 32 MiB on an accelerator, where a small kernel costs more.
+BLOCK_ELEMENTS = 1 << 16
+ACCELERATOR_BLOCK_ELEMENTS = 1 << 22
+
+
+def block_elements(device: torch.device) -> int:
+    """The default block size of the reductions on ``device``."""
+    return BLOCK_ELEMENTS if device.type == "cpu" else ACCELERATOR_BLOCK_ELEMENTS
 
 
 def _bitsandbytes(weight: Tensor, label: str) -> Any:
@@ -138,12 +153,15 @@ def dequantized(weight: Tensor, label: str = "base_weight") -> Tensor:
 
 
 def project_rows(
-    weight: Tensor, row_factor: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = "base_weight"
+    weight: Tensor, row_factor: Tensor, max_elements: int | None = None, label: str = "base_weight"
 ) -> tuple[Tensor, Tensor]:
     """``(||W||^2, R^T W)`` for the stored weight ``W`` seen as ``(rows, cols)`` and ``R (rows, r)``,
-    read block by block (:func:`row_blocks`): a 0-dim tensor and an ``(r, cols)`` one, accumulated
-    in ``row_factor``'s dtype. Only one block of ``W`` is floating point at once; a weight with no
-    rows (an empty shard) gives zeros."""
+    read block by block (:func:`row_blocks`, ``max_elements`` by default :func:`block_elements`
+    of ``R``'s device): a 0-dim tensor and an ``(r, cols)`` one, accumulated in ``R``'s dtype.
+    Only one block of ``W`` is floating point at once; a weight with no rows (an empty shard)
+    gives zeros."""
+    if max_elements is None:
+        max_elements = block_elements(row_factor.device)
     dtype = row_factor.dtype
     shape = logical_shape(weight, label)
     cols = math.prod(shape[1:])
