@@ -2,7 +2,8 @@
 
 A dispatch mode records the shape of every tensor an optimizer step creates (outputs that share
 no storage with an input: views and in-place results are not allocations). The pair has a base
-weight, so LoFT-Adafactor's relative step reads ``W0`` as it does in real use.
+weight, so LoFT-Adafactor's relative step reads ``W0`` as it does in real use: a block of rows at
+a time (copied to float64), here two rows, so that no block is ``(m, n)``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lowrank_opt as lo
+from lowrank_opt import quantized
 
 M, N, R = 64, 48, 4
 
@@ -64,7 +66,8 @@ CASES = {
 
 @pytest.mark.parametrize("schedule", ["alternate", "both"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_no_full_size_tensor_on_the_fast_path(case, schedule):
+def test_no_full_size_tensor_on_the_fast_path(case, schedule, monkeypatch):
+    monkeypatch.setattr(quantized, "BLOCK_ELEMENTS", 2 * N)
     make, options = CASES[case]
     pair = _pair()
     opt = lo.LowRankWrapper(make([pair.a, pair.b]), [pair], rule_options=options, schedule=schedule)
