@@ -284,27 +284,6 @@ def test_dora_full_rank_equivalence_with_a_dense_dora_layer():
     assert ((final_magnitude - magnitude).norm() / magnitude.norm()).item() < 1e-9
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_bases_are_dequantized_on_demand(bits):
-    bnb = pytest.importorskip("bitsandbytes")
-    if not torch.cuda.is_available():
-        pytest.skip("bitsandbytes quantizes on CUDA")
-    dense = nn.Linear(64, 32, bias=False)
-    if bits == 4:
-        layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32)
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False)
-    else:
-        layer = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    model = nn.Sequential()
-    model.add_module("layer", layer)
-    model = peft.get_peft_model(model.cuda(), peft.LoraConfig(r=4, target_modules=["layer"]))
-    (pair,) = lo.find_lora_pairs(model)
-    w = pair.base_matrix()
-    assert pair.full_shape == (32, 64) and w.shape == (32, 64) and w.is_floating_point()
-    assert (w.float().cpu() - dense.weight).abs().max() < 0.2 * dense.weight.abs().max()
-
-
 def test_peft_layer_types_that_are_not_lifted_are_named():
     model = nn.Sequential()
     model.add_module("attn", nn.MultiheadAttention(8, 2))
