@@ -41,6 +41,9 @@ class LoRAPair:
         name: used in messages only.
         base_transposed: ``base_weight`` holds ``W0^T`` (peft's ``fan_in_fan_out`` layers and
             embeddings, whose weight is ``(num_embeddings, dim)`` while ``delta W`` is ``(dim, num_embeddings)``).
+        base_layer: the module that holds ``base_weight``, where a quantized layer may keep what
+            reading it needs (bitsandbytes' 8-bit layer moves the scales to its ``state`` at the
+            first forward).
     """
 
     a: Tensor
@@ -49,6 +52,7 @@ class LoRAPair:
     base_weight: Tensor | None = None
     name: str = ""
     base_transposed: bool = False
+    base_layer: nn.Module | None = None
 
     def __post_init__(self) -> None:
         label = self.name or "LoRAPair"
@@ -100,7 +104,7 @@ class LoRAPair:
         """
         if self.base_weight is None:
             return None
-        w = dequantized(self.base_weight, self.name or "base_matrix")
+        w = dequantized(self.base_weight, self.name or "base_matrix", self.base_layer)
         if self.base_transposed:
             return rearrange(w, "n m -> m n")
         return rearrange(w, "m ... -> m (...)")
@@ -120,7 +124,9 @@ class LoRAPair:
         if self.base_weight is None:
             return None
         rows, partner = self.base_row_factors(self.a.detach(), self.b.detach())
-        sq_norm, projected = project_rows(self.base_weight, rows, block_elements, self.name or "base_weight")
+        sq_norm, projected = project_rows(
+            self.base_weight, rows, block_elements, self.name or "base_weight", self.base_layer
+        )
         return torch.stack((sq_norm, (projected * partner).sum()))
 
     def base_row_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -285,7 +291,11 @@ def _peft_pairs(module: nn.Module, module_name: str) -> tuple[list[LoRAPair], li
         # An embedding's delta is (B A)^T, shaped like its (num_embeddings, dim) weight; fan_in_fan_out
         # layers (GPT-2's Conv1D) also hold W0^T.
         transposed = isinstance(module, embedding) or bool(getattr(layer, "fan_in_fan_out", False))
-        pairs.append(LoRAPair(a, b, float(layer.scaling[adapter]), base.weight, label, base_transposed=transposed))
+        pairs.append(
+            LoRAPair(
+                a, b, float(layer.scaling[adapter]), base.weight, label, base_transposed=transposed, base_layer=base
+            )
+        )
     return pairs, refusals
 
 

@@ -16,6 +16,7 @@ bitsandbytes is imported only for a weight that is not floating point, which onl
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -57,17 +58,30 @@ def _bitsandbytes(weight: Tensor, label: str) -> Any:
 
 
 def _four_bit_state(weight: Tensor, label: str) -> Any:
-    """The quant state of a bitsandbytes 4-bit weight in the standard packing, or ``None`` for another weight."""
+    """The quant state of a bitsandbytes 4-bit weight, or ``None`` for another weight."""
     bnb = _bitsandbytes(weight, label)
     if not isinstance(weight, bnb.nn.Params4bit) or weight.quant_state is None:
         return None
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError(
-            f"{label}: the 4-bit base weight is in bitsandbytes' CPU inference packing (set by a forward in "
-            "eval mode without gradients); load the model again, or run that forward in train mode"
-        )
-    return state
+    return weight.quant_state
+
+
+def _standard_packing(weight: Tensor, state: Any, label: str) -> tuple[Tensor, Any]:
+    """The 4-bit codes and quant state in bitsandbytes' standard packing (row-major pairs of codes).
+
+    A forward in eval mode without gradients on a CPU with AVX512-BF16 repacks a 4-bit weight for
+    inference (``packing_format_for_cpu``); its inverse is then applied to a copy of the quant
+    state (the codes are copied at their 4-bit size, the layer keeps its packing)."""
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.detach().reshape(-1), state
+    from bitsandbytes import functional
+
+    inverse = getattr(functional, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise ValueError(f"{label}: this bitsandbytes cannot undo its CPU inference packing of the 4-bit base weight")
+    codes, standard = inverse(weight.detach(), copy.copy(state))
+    if standard.absmax.ndim == 2:  # left (blocks per row, rows) by the inverse when not nested
+        standard.absmax = rearrange(standard.absmax, "blocks rows -> (rows blocks)").float()
+    return codes.reshape(-1), standard
 
 
 def logical_shape(weight: Tensor, label: str) -> tuple[int, ...]:
@@ -79,12 +93,24 @@ def logical_shape(weight: Tensor, label: str) -> tuple[int, ...]:
     return tuple(weight.shape)
 
 
-def row_blocks(weight: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = "base_weight") -> Iterator[Tensor]:
+def _int8_scales(weight: Tensor, layer: Any) -> Tensor | None:
+    """The row scales of a bitsandbytes 8-bit weight: on the weight until the layer's first
+    forward, then in the layer's ``state``."""
+    scales = getattr(weight, "SCB", None)
+    if scales is None and layer is not None:
+        scales = getattr(getattr(layer, "state", None), "SCB", None)
+    return scales
+
+
+def row_blocks(
+    weight: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = "base_weight", layer: Any = None
+) -> Iterator[Tensor]:
     """The stored weight as a matrix ``(rows, cols)`` (trailing dimensions flattened), in blocks of
     consecutive rows, each a floating-point ``(rows_k, cols)`` tensor of at most ``max_elements``
     elements (at least one row, more where a 4-bit block must start on a quantization block).
 
-    Detached; slices of a floating-point weight, dequantized copies of a quantized one.
+    Detached; slices of a floating-point weight, dequantized copies of a quantized one. ``layer``:
+    the module holding ``weight``, where bitsandbytes' 8-bit layer keeps the scales after a forward.
     """
     if max_elements < 1:
         raise ValueError(f"max_elements must be positive, got {max_elements!r}")
@@ -99,12 +125,13 @@ def row_blocks(weight: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = 
         return
     state = _four_bit_state(weight, label)
     if state is not None:
-        yield from _four_bit_blocks(weight, state, rows, cols, max_elements)
+        yield from _four_bit_blocks(*_standard_packing(weight, state, label), rows, cols, max_elements)
         return
     bnb = _bitsandbytes(weight, label)
-    if isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
+    scales = _int8_scales(weight, layer) if isinstance(weight, bnb.nn.Int8Params) else None
+    if scales is not None:
         step = max(1, max_elements // max(cols, 1))
-        scales = weight.SCB.detach().float() / 127
+        scales = scales.detach().float() / 127
         codes = weight.detach().reshape(rows, cols)
         for start in range(0, rows, step):
             yield codes[start : start + step].float() * scales[start : start + step, None]
@@ -112,8 +139,9 @@ def row_blocks(weight: Tensor, max_elements: int = BLOCK_ELEMENTS, label: str = 
     raise ValueError(f"{label}: a {type(weight).__name__} base weight of dtype {weight.dtype} cannot be dequantized")
 
 
-def _four_bit_blocks(weight: Tensor, state: Any, rows: int, cols: int, max_elements: int) -> Iterator[Tensor]:
-    """Row blocks of a 4-bit weight, each dequantized alone (see the module docstring)."""
+def _four_bit_blocks(packed: Tensor, state: Any, rows: int, cols: int, max_elements: int) -> Iterator[Tensor]:
+    """Row blocks of a 4-bit weight (``packed``: its codes, two per byte, row-major), each
+    dequantized alone (see the module docstring)."""
     from bitsandbytes.functional import QuantState, dequantize_4bit
 
     size = state.blocksize
@@ -125,7 +153,6 @@ def _four_bit_blocks(weight: Tensor, state: Any, rows: int, cols: int, max_eleme
         from bitsandbytes.functional import dequantize_blockwise
 
         absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-    packed = weight.detach().reshape(-1)  # two 4-bit codes per byte, row-major
     with torch.no_grad():
         for start in range(0, rows, step):
             count = min(step, rows - start)
@@ -143,17 +170,21 @@ def _four_bit_blocks(weight: Tensor, state: Any, rows: int, cols: int, max_eleme
             yield rearrange(flat, "... (rows cols) -> (... rows) cols", cols=cols)
 
 
-def dequantized(weight: Tensor, label: str = "base_weight") -> Tensor:
+def dequantized(weight: Tensor, label: str = "base_weight", layer: Any = None) -> Tensor:
     """The whole weight as a floating-point tensor of its logical shape: ``weight`` itself (detached)
     when floating point, else the row blocks of :func:`row_blocks` laid end to end."""
     if weight.is_floating_point():
         return weight.detach()
     shape = logical_shape(weight, label)
-    return torch.cat(list(row_blocks(weight, label=label))).reshape(shape)
+    return torch.cat(list(row_blocks(weight, label=label, layer=layer))).reshape(shape)
 
 
 def project_rows(
-    weight: Tensor, row_factor: Tensor, max_elements: int | None = None, label: str = "base_weight"
+    weight: Tensor,
+    row_factor: Tensor,
+    max_elements: int | None = None,
+    label: str = "base_weight",
+    layer: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """``(||W||^2, R^T W)`` for the stored weight ``W`` seen as ``(rows, cols)`` and ``R (rows, r)``,
     read block by block (:func:`row_blocks`, ``max_elements`` by default :func:`block_elements`
@@ -168,7 +199,7 @@ def project_rows(
     sq_norm = torch.zeros((), dtype=dtype, device=row_factor.device)
     projected = torch.zeros((row_factor.shape[-1], cols), dtype=dtype, device=row_factor.device)
     start = 0
-    for block in row_blocks(weight, max_elements, label):
+    for block in row_blocks(weight, max_elements, label, layer):
         block = block.to(row_factor.device, dtype)
         count = block.shape[0]
         sq_norm += torch.linalg.vector_norm(block).square()

@@ -233,21 +233,15 @@ def test_peft_pairs_on_quantized_layers_have_their_full_shapes():
         assert ((w - dense[name]).abs().amax(1) <= bound * dense[name].abs().amax(1)).all()
 
 
-INT8_SCB_BUG = (
-    "lowrank_opt/quantized.py row_blocks reads Int8Params.SCB, which bitsandbytes' Linear8bitLt.forward "
-    "moves to the layer's state (init_8bit_state sets weight.SCB = None) on the first forward"
-)
-
-
 @pytest.mark.parametrize(
     "layers, optimizer",
     [
         ("4", "adamw"),
         ("4", "adafactor"),
         ("8", "adamw"),
-        pytest.param("8", "adafactor", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=INT8_SCB_BUG)),
+        ("8", "adafactor"),
         ("48", "adamw"),
-        pytest.param("48", "adafactor", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=INT8_SCB_BUG)),
+        ("48", "adafactor"),
     ],
     ids=["4bit-adamw", "4bit-adafactor", "8bit-adamw", "8bit-adafactor", "both-adamw", "both-adafactor"],
 )
@@ -261,8 +255,9 @@ def test_quantized_bases_train(layers, optimizer):
         assert pair.b.abs().sum() > 0  # the factors moved
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=INT8_SCB_BUG)
 def test_an_eight_bit_base_is_read_after_a_forward():
+    """bitsandbytes' 8-bit layer moves the weight's scales to its ``state`` at the first forward;
+    the pair reads them there (through ``base_layer``) and sees the same ``W0``."""
     model = quantized_model("8")
     (pair,) = lo.find_lora_pairs(model)
     before = pair.base_products()
@@ -380,31 +375,49 @@ def test_resume_with_a_4bit_base_is_bit_identical(optimizer, options, tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested_absmax"])
+def test_the_cpu_inference_packing_is_read_as_the_same_weight(nested):
+    """bitsandbytes' CPU inference packing (blocks of 32 rows, absmax in bfloat16, transposed) read
+    back block by block: the weight up to the bfloat16 rounding of the absmax, on any CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=nested).to("cpu")
+    reference = quantized.dequantized(weight)
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert quantized.logical_shape(weight, "w") == (64, 128)
+    blocks = list(quantized.row_blocks(weight, max_elements=1000))
+    assert max(block.numel() for block in blocks) <= 1000
+    torch.testing.assert_close(torch.cat(blocks), reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item())
+
+
 @pytest.mark.skipif(
     not getattr(bnb.functional, "has_avx512bf16", lambda: False)(),
     reason="bitsandbytes repacks for CPU inference only with AVX512-BF16",
 )
-def test_an_eval_forward_repacks_a_4bit_base_and_loft_adafactor_refuses_it():
+def test_an_eval_forward_repacks_a_4bit_base_and_every_rule_still_reads_it():
     """On a CPU with AVX512-BF16, a Linear4bit forward in eval mode without gradients repacks its
-    weight for inference; LoFT-AdamW never reads it and keeps training, LoFT-Adafactor refuses with
-    the reason (the pair is named)."""
+    weight for inference. The pair reads the same ``W0`` from the repacked weight (through the
+    inverse packing, on a copy), a new wrapper can be built on the model, and both rules train on."""
     data = regression_data(3)
     for optimizer in ("adamw", "adafactor"):
         model = quantized_model("4")
         opt = make_optimizer(model, optimizer)
         train(model, opt, data[:1])
+        (pair,) = opt.pairs
+        before = pair.base_products()
         model.eval()
         with torch.no_grad():
             model(data[1][0])
         model.train()
-        if optimizer == "adamw":
-            train(model, opt, data[1:])
-        else:
-            with pytest.raises(
-                ValueError,
-                match=r"q4 \(adapter 'default'\): the 4-bit base weight is in bitsandbytes' CPU inference packing",
-            ):
-                train(model, opt, data[1:])
+        assert getattr(pair.base_weight.quant_state, "packing_format_for_cpu", False)
+        # The packing keeps the absmax values in bfloat16: W0 moves by their rounding (2^-8).
+        torch.testing.assert_close(pair.base_products(), before, rtol=1e-2, atol=0)
+        make_optimizer(model, optimizer)  # construction reads the logical shape of the packed weight
+        losses = train(model, opt, data[1:])
+        assert all(math.isfinite(loss) for loss in losses)
+        assert getattr(pair.base_weight.quant_state, "packing_format_for_cpu", False)  # the layer keeps it
 
 
 @pytest.fixture(scope="module")
