@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from .quantized import dequantized, logical_shape, project_rows
 
-__all__ = ["new_pairs_among", "LoRAPair", "LoRALinear", "HasLoRAPairs", "find_lora_pairs", "inject_lora"]
+__all__ = [
+    "base_products_from",
+    "new_pairs_among",
+    "LoRAPair",
+    "LoRALinear",
+    "HasLoRAPairs",
+    "find_lora_pairs",
+    "inject_lora",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +135,7 @@ class LoRAPair:
         sq_norm, projected = project_rows(
             self.base_weight, rows, block_elements, self.name or "base_weight", self.base_layer
         )
-        return torch.stack((sq_norm, (projected * partner).sum()))
+        return base_products_from(sq_norm, projected, partner)
 
     def base_row_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``, in float64:
@@ -364,6 +372,12 @@ def find_lora_pairs(
                 raise ValueError(f"a factor of {label} is already in {owner[factor]}")
             owner[factor] = label
     return pairs
+
+
+def base_products_from(sq_norm: Tensor, projected: Tensor, partner: Tensor) -> Tensor:
+    """``(||W0||^2, <W0, b a>)`` (2,) from ``||W0||^2``, ``R^T W0`` and the partner ``P`` of
+    :meth:`LoRAPair.base_row_factors`: ``<W0, b a> = <R^T W0, P>``."""
+    return torch.stack((sq_norm, (projected.view_as(partner) * partner).sum()))
 
 
 def new_pairs_among(

@@ -117,9 +117,9 @@ def row_blocks(
     shape = logical_shape(weight, label)
     rows = shape[0] if shape else 1
     cols = math.prod(shape[1:])
+    step = max(1, max_elements // max(cols, 1))  # rows per block, where any row may start one
     if weight.is_floating_point():
         matrix = weight.detach().reshape(rows, cols)
-        step = max(1, max_elements // max(cols, 1))
         for start in range(0, rows, step):
             yield matrix[start : start + step]
         return
@@ -130,7 +130,6 @@ def row_blocks(
     bnb = _bitsandbytes(weight, label)
     scales = _int8_scales(weight, layer) if isinstance(weight, bnb.nn.Int8Params) else None
     if scales is not None:
-        step = max(1, max_elements // max(cols, 1))
         scales = scales.detach().float() / 127
         codes = weight.detach().reshape(rows, cols)
         for start in range(0, rows, step):

@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..engine import finite_flags
 from ..layout import BASIS_GRAM_KEY, STEP_KEY
-from ..pairs import LoRAPair
+from ..pairs import LoRAPair, base_products_from
 from ..quantized import project_rows
 from ..rule import CalibrationRule
 from .sharded import assign_pairs, pair_costs
@@ -217,16 +217,12 @@ class FSDP2(DistributedStrategy):
         them; the owner finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a
         DTensor is read whole by the owner.
         """
-        products: dict[int, Tensor] = {}
+        sharded = [i for i in due if isinstance(work.pairs[i].base_weight, DTensor)]
+        products = super().base_products(work, sorted(set(due) - set(sharded)))  # bases every rank holds whole
         partials: list[tuple[int, Tensor, Tensor | None]] = []  # (pair, float64 [sq, R^T W0], partner on the owner)
-        for i in due:
+        for i in sharded:
             pair = work.pairs[i]
-            if pair.base_weight is None:
-                continue
-            if not isinstance(pair.base_weight, DTensor):
-                if self.owns(i):
-                    products[i] = pair.base_products()  # type: ignore[assignment]
-                continue
+            assert pair.base_weight is not None
             original_a, original_b = (work.originals.get(f, f) for f in (pair.a, pair.b))
             if pair.base_transposed:  # rows of W0^T are columns of A, whose shards hold rows of A
                 whole_a = original_a.detach().full_tensor()  # type: ignore[attr-defined]
@@ -235,7 +231,7 @@ class FSDP2(DistributedStrategy):
                 rows = pair.matrix_b(_local(original_b).detach()).double()
             # On the owner the working factors are whole: its partner P.
             partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1] if self.owns(i) else None
-            base_rows = pair.base_weight.to_local()
+            base_rows = pair.base_weight.to_local()  # type: ignore[attr-defined]
             sq_norm, projected = project_rows(base_rows, rows, label=pair.name or "base_weight")
             partials.append((i, torch.cat((sq_norm[None], projected.flatten())), partner))
         if partials:
@@ -244,7 +240,7 @@ class FSDP2(DistributedStrategy):
             for (i, part, partner), summed in zip(partials, flat.split([p.numel() for _, p, _ in partials])):
                 if partner is not None:
                     summed = summed.to(part.device)
-                    products[i] = torch.stack((summed[0], (summed[1:].view_as(partner) * partner).sum()))
+                    products[i] = base_products_from(summed[0], summed[1:], partner)
         return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
