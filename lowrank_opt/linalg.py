@@ -20,6 +20,14 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+# A step's transient blocks hold at most TRANSIENT_MULTIPLE times the elements of the factors they
+# serve, within [TRANSIENT_FLOOR, the device's ceiling]: on a CPU, blocks that stay in cache are
+# fastest; on an accelerator, fewer and larger kernels are.
+TRANSIENT_MULTIPLE = 4
+TRANSIENT_FLOOR = 1 << 16
+TRANSIENT_CEILING = {"cpu": 1 << 19}
+ACCELERATOR_TRANSIENT_CEILING = 1 << 22
+
 __all__ = [
     "compute_dtype",
     "gram",
@@ -38,6 +46,7 @@ __all__ = [
     "pack_blocks",
     "congruence_packed_",
     "quadratic_form_rows",
+    "transient_elements",
 ]
 
 
@@ -190,3 +199,16 @@ def quadratic_form_rows(basis: Tensor, triu: Tensor) -> Tensor:
     """
     weight = torch.where(triu[0] == triu[1], 1.0, 2.0).to(basis.dtype)
     return basis[..., triu[0]] * basis[..., triu[1]] * weight
+
+
+def transient_elements(served: int, device: torch.device) -> int:
+    """The most elements one transient block of a step may hold, for a group whose factors have
+    ``served`` elements in all (``G r (k + l)``).
+
+    Proportional to what is served (:data:`TRANSIENT_MULTIPLE` times), so a step's transients stay a
+    small multiple of its factors and statistics however small the pairs are (what a memory-bounded
+    distributed step counts on), but never below :data:`TRANSIENT_FLOOR`, where a block loop would
+    cost more in kernel launches than it saves, nor above the device's ceiling.
+    """
+    ceiling = TRANSIENT_CEILING.get(device.type, ACCELERATOR_TRANSIENT_CEILING)
+    return max(TRANSIENT_FLOOR, min(ceiling, TRANSIENT_MULTIPLE * served))

@@ -37,9 +37,6 @@ from .views import FactorView
 
 __all__ = ["StateKind", "Switches", "Context", "CalibrationRule", "calibrate_state", "rescale_state"]
 
-# Elements of the unpacked (G, c, r, r) transient while packed blocks are calibrated.
-_CALIBRATION_ELEMENTS = 1 << 20
-
 
 class StateKind(str, enum.Enum):
     """How a statistic kept in coefficient coordinates follows a change of basis ``T`` (r, r)."""
@@ -110,7 +107,7 @@ def calibrate_state(
             v.copy_(torch.bmm((t * t).to(v.dtype), v))
         elif kind is StateKind.BLOCK and switches.calibrate_second_moment:
             r = t.shape[-1]
-            block = max(1, _CALIBRATION_ELEMENTS // (t.shape[0] * r * r))
+            block = max(1, view.transient_elements() // (t.shape[0] * r * r))  # (G, c, r, r) unpacked
             congruence_packed_(value, t, triu_indices(r, t.device), block)
         elif kind is StateKind.RESET:
             value.zero_()

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .linalg import compute_dtype, damped_inverse, gram
+from .linalg import compute_dtype, damped_inverse, gram, transient_elements
 from .pairs import LoRAPair
 
 __all__ = ["Side", "SIDES", "FactorView", "build_view", "view_of", "other_side", "tangent_sq_norm"]
@@ -57,6 +57,11 @@ class FactorView:
     def transposed(self) -> bool:
         """True when the canonical full space is ``W^T`` (the ``b`` side)."""
         return self.side == "b"
+
+    def transient_elements(self) -> int:
+        """The most elements one transient block of this factor's step may hold
+        (:func:`~lowrank_opt.linalg.transient_elements` of the basis and coefficients)."""
+        return transient_elements(self.basis.numel() + self.coeff.numel(), self.basis.device)
 
     def canonical(self, t: Tensor) -> Tensor:
         """A ``(G, ...)`` tensor in the factor's orientation seen as ``(G, r, l)`` (and back: an involution)."""

@@ -62,15 +62,16 @@ __all__ = ["LoFTAdafactor"]
 
 
 class LoFTAdafactor(CalibrationRule):
-    """LoFT-Adafactor. ``block_elements`` bounds the ``(G, k, c)`` transients of the clamped case;
+    """LoFT-Adafactor. ``block_elements`` bounds the ``(G, k, c)`` transients of the clamped case
+    (default: :func:`~lowrank_opt.linalg.transient_elements`);
     ``base_norm_every`` is how often (in steps) the base weight's share of ``RMS(W)`` is refreshed."""
 
     name = "loft_adafactor"
     serves = (torch.optim.Adafactor,)
     reads_base_weight = False  # only through record_base_products
 
-    def __init__(self, block_elements: int = 1 << 22, base_norm_every: int = 1) -> None:
-        if not isinstance(block_elements, int) or block_elements < 1:
+    def __init__(self, block_elements: int | None = None, base_norm_every: int = 1) -> None:
+        if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
             raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
         if not isinstance(base_norm_every, int) or base_norm_every < 1:
             raise ValueError(f"base_norm_every must be a positive integer, got {base_norm_every!r}")
@@ -157,7 +158,8 @@ class LoFTAdafactor(CalibrationRule):
         """``Gamma^-1 F^T U / s`` and ``||U||^2`` (G,) with torch's clamp, over blocks of columns."""
         f, s = view.basis, view.scale
         members, k, l = f.shape[0], f.shape[1], g.shape[-1]
-        block = max(1, min(l, self.block_elements // max(members * k, 1)))
+        budget = self.block_elements if self.block_elements is not None else view.transient_elements()
+        block = max(1, min(l, budget // max(members * k, 1)))
         out = torch.empty_like(g)
         sq_norm = torch.zeros(members, dtype=g.dtype, device=g.device)
         ft = f.transpose(-2, -1)

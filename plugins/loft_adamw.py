@@ -130,22 +130,20 @@ class ExactSecondMoment:
         r, l = view.coeff.shape[-2:]
         return {"exp_avg_sq": _zeros(view, l, r * (r + 1) // 2)}
 
-    def elements(self, device: torch.device) -> int:
-        """Transient budget: blocks that stay in cache are fastest on CPU, fewer larger kernels elsewhere."""
-        if self.block_elements is not None:
-            return self.block_elements
-        return 1 << 19 if device.type == "cpu" else 1 << 22
+    def elements(self, view: FactorView) -> int:
+        """Transient budget: ``block_elements`` if given, else the view's (a multiple of its factors' size)."""
+        return self.block_elements if self.block_elements is not None else view.transient_elements()
 
     def observe(self, state: dict[str, Tensor], g: Tensor, view: FactorView, beta2: float, eps: float) -> None:
         g_count, r = g.shape[0], g.shape[-2]
-        block = max(1, self.elements(g.device) // (g_count * r * (r + 1) // 2))
+        block = max(1, self.elements(view) // (g_count * r * (r + 1) // 2))
         ema_packed_outer_(state["exp_avg_sq"], g, triu_indices(r, g.device), beta2, block)
 
     def direction(
         self, state: dict[str, Tensor], view: FactorView, m_hat: Tensor, bc2: Tensor, eps: float, floor: Tensor | None
     ) -> Tensor:
         rows = quadratic_form_rows(view.basis, triu_indices(view.basis.shape[-1], view.basis.device))  # (G, k, P)
-        return projected_direction(view, m_hat, rows, state["exp_avg_sq"], bc2, eps, floor, self.elements(m_hat.device))
+        return projected_direction(view, m_hat, rows, state["exp_avg_sq"], bc2, eps, floor, self.elements(view))
 
     def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
         """``diag(Q_j)`` as ``(G, r, l)``."""
@@ -174,7 +172,7 @@ class DiagonalSecondMoment(ExactSecondMoment):
     ) -> Tensor:
         stats = view.canonical(state["exp_avg_sq"]).transpose(-2, -1)  # (G, l, r)
         f = view.basis
-        return projected_direction(view, m_hat, f * f, stats, bc2, eps, None, self.elements(m_hat.device))
+        return projected_direction(view, m_hat, f * f, stats, bc2, eps, None, self.elements(view))
 
     def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
         return view.canonical(state["exp_avg_sq"]).to(view.gram.dtype)
@@ -225,8 +223,8 @@ SecondMoment = ExactSecondMoment | FactoredSecondMoment
 class LoFTAdamW(CalibrationRule):
     """LoFT-AdamW. ``second_moment`` picks ``exact``, ``factored`` or ``diagonal``;
     ``block_elements`` bounds the ``(G, k, c)`` transients of the exact and diagonal evaluation
-    (default: 2^19 on CPU, where blocks that stay in cache are fastest, and 2^22 on accelerators,
-    where fewer and larger kernels are)."""
+    (default: :func:`~lowrank_opt.linalg.transient_elements`, a few times the group's factors,
+    at most 2^19 on CPU, where blocks that stay in cache are fastest, and 2^22 on accelerators)."""
 
     name = "loft_adamw"
     reads_base_weight = False
