@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from typing import Any, Literal
 
 import torch
@@ -109,7 +110,11 @@ class LowRankWrapper(Optimizer):
             statistics, the other parameters with their gradients and state), so that a step that
             raises changes nothing. The copy is one pass over the state and, during the step, as
             much memory again (LoFT-AdamW ``exact`` at r = 64: 67 MiB per 4096 x 4096 pair);
-            ``False`` saves both and leaves a step that raises half done.
+            ``False`` saves both and leaves a step that raises half done. ``None`` (default): the
+            strategy's :attr:`~lowrank_opt.distributed.DistributedStrategy.restorable`, True for
+            the replicated mode; False for the sharded modes, whose step goes on into collectives
+            after the point where a rank could raise, so that its peers are left waiting in one
+            whatever the raising rank restores.
         balance: after every step, rescale each pair to ``(c B, A / c)`` with ``c`` a power of two
             that keeps ``||A|| / ||B||`` within a factor 2 of 1: ``s B A`` and its trajectory are
             unchanged, and neither factor drifts large while the other shrinks.
@@ -141,7 +146,7 @@ class LowRankWrapper(Optimizer):
         advice: bool = True,
         balance: bool = True,
         nonfinite: Literal["raise", "skip"] = "raise",
-        transactional: bool = True,
+        transactional: bool | None = None,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer) or isinstance(base_optimizer, LowRankWrapper):
             raise ValueError(
@@ -151,6 +156,8 @@ class LowRankWrapper(Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if transactional not in (None, True, False):
+            raise ValueError(f"transactional must be True, False or None, got {transactional!r}")
         if distributed is not None and not isinstance(distributed, DistributedStrategy):
             raise ValueError(f"distributed must be a lowrank_opt.distributed strategy or None, got {distributed!r}")
         refuse_unsupported_wrappers(model_or_pairs)
@@ -173,7 +180,7 @@ class LowRankWrapper(Optimizer):
         self.base, self.param_groups, self.state = base_optimizer, base_optimizer.param_groups, base_optimizer.state
         self.pairs, self.config, self.max_grad_norm = pairs, config, max_grad_norm
         self.last_grad_norm: Tensor | None = None
-        self.nonfinite, self.skipped_steps, self.transactional = nonfinite, 0, transactional
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         self._store: GroupStore | None = None
         group_of = self._param_group_of()
         check_factors(pairs, group_of)
@@ -183,6 +190,7 @@ class LowRankWrapper(Optimizer):
         self.distributed = distributed if distributed is not None else default_strategy(pairs)
         self.distributed.setup(pairs, config.rule, group_of)
         self.distributed.attach(self)
+        self.transactional = self.distributed.restorable if transactional is None else transactional
         self._model = model_or_pairs if isinstance(model_or_pairs, nn.Module) else None
         self._unsupported = unsupported
         advise(base_optimizer, config.rule.name, rule_options or {}, pairs, set(), enabled=advice)
@@ -284,30 +292,35 @@ class LowRankWrapper(Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------------ step
-    def _groups(self, work: Materialised) -> tuple[dict[int, int], list[Group], list[Tensor]]:
-        """Steps taken by every stepping pair, the groups of those this rank owns (with ``g_hat``),
-        and the gradients of the other parameters."""
-        done = steps_done(work.pairs, stepping_pairs(work.pairs), work.state)
+    def _groups(self, work: Materialised) -> tuple[dict[int, int], list[Group]]:
+        """Steps taken by every pair the piece ``work`` covers, and the groups of those this rank
+        owns (with ``g_hat``)."""
+        covered = stepping_pairs(work.pairs) if work.indices is None else work.indices
+        done = steps_done(work.pairs, covered, work.state)
         owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
         groups = form_groups(work.pairs, owned, self._working_groups(work), self.config, work.state)
         # Hyperparameters may change after construction (a scheduler, a user): refuse what the rule
         # cannot honour before anything moves.
         for param_group in {id(pg): pg for g in groups for pg in g.param_groups.values()}.values():
             self.rule.check_group(param_group)
-        others = [
-            p.grad
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and p not in self._factors
-        ]
-        return done, groups, others
+        return done, groups
 
-    def _total_norm(self, groups: list[Group], others: list[Tensor]) -> Tensor:
-        device = self.pairs[0].a.device
-        local = torch.zeros((), dtype=torch.float64, device=device)
+    def _others(self) -> list[Tensor]:
+        """The parameters that are not LoRA factors and have gradients."""
+        return [
+            p for group in self.param_groups for p in group["params"] if p.grad is not None and p not in self._factors
+        ]
+
+    def _local_sq_norm(self, groups: list[Group]) -> Tensor:
+        """Squared full-space norms of this rank's groups, summed (0-dim float64)."""
+        local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
         for group in groups:
             local += pair_sq_norms(group, self.config.full_space_clip).to(torch.float64).sum()
-        total = self.distributed.reduce_pair_squares(local) + self.distributed.squared_norm(others).to(device)
+        return local
+
+    def _total_norm(self, local: Tensor, others: list[Tensor]) -> Tensor:
+        """The total gradient norm from this rank's pairs' squares ``local`` and the other gradients."""
+        total = self.distributed.reduce_pair_squares(local) + self.distributed.squared_norm(others).to(local.device)
         self.last_grad_norm = total.sqrt()
         return self.last_grad_norm
 
@@ -322,8 +335,9 @@ class LowRankWrapper(Optimizer):
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         with torch.no_grad(), self._materialised() as work:
-            done, groups, others = self._groups(work)
-            total = self._total_norm(groups, others)
+            done, groups = self._groups(work)
+            others = [p.grad for p in self._others() if p.grad is not None]
+            total = self._total_norm(self._local_sq_norm(groups), others)
             if max_norm < math.inf:
                 factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
                 scale_(factor_grads + others, clip_coefficient(total, max_norm))  # type: ignore[arg-type]
@@ -335,7 +349,7 @@ class LowRankWrapper(Optimizer):
         current ``.grad``, without changing anything. For logging which layers drive the total."""
         norms: list[Tensor | None] = [None] * len(self.pairs)
         with torch.no_grad(), self._materialised() as work:
-            _, groups, _ = self._groups(work)
+            _, groups = self._groups(work)
             for group in groups:
                 for i, value in zip(group.indices, pair_sq_norms(group, self.config.full_space_clip).sqrt()):
                     norms[i] = value
@@ -349,48 +363,74 @@ class LowRankWrapper(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with self._materialised() as work:
-            done, groups, others = self._groups(work)
-            factor_grads = [f.grad for i in done for f in (work.pairs[i].a, work.pairs[i].b)]
-            if type(self.distributed) is Replicated:  # every rank holds every factor: sketches are cheap
-                ensure_sketches(work.pairs, work.state)
-            store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
-            grad_flags = self.distributed.finite_flags(factor_grads + others)  # type: ignore[operator]
-            bad = check_inputs(groups, grad_flags, store, self.config)
-            if bad:
-                names = describe_gradients(bad, self.pairs, self.param_groups, self._factors)
-                if self.nonfinite == "raise":
-                    raise ValueError(f"non-finite gradient in {names}; no state was changed")
-                self.skipped_steps += 1
-                warnings.warn(
-                    f"non-finite gradient in {names}: step skipped ({self.skipped_steps} so far)", stacklevel=2
+        stepping = stepping_pairs(self.pairs)
+        other_params = self._others()
+        others = [p.grad for p in other_params if p.grad is not None]
+        factor_grads = [f.grad for i in stepping for f in (self.pairs[i].a, self.pairs[i].b)]
+        # Agreed over ranks now, read at the first check (one host sync with the Gram checks).
+        unchecked = self.distributed.finite_flags(factor_grads + others)  # type: ignore[arg-type]
+        with_bases = self.rule.reads_base_weight
+        # A snapshot, or a base optimizer that moves the factors in its one step(), needs the whole
+        # step at once; otherwise the strategy may cut it into buckets computed one after another.
+        whole_step = self.transactional or self.rule.uses_base_step
+        buckets = [stepping] if whole_step else self.distributed.buckets(self.pairs, stepping, with_bases) or [[]]
+        coef = None
+        if self.max_grad_norm is not None and len(buckets) > 1:  # the clip needs every pair's norm first
+            local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
+            with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
+                for work in pieces:
+                    _, groups = self._groups(work)
+                    bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
+                    unchecked = unchecked[:0]
+                    if bad:
+                        return self._refuse(bad, loss)
+                    local += self._local_sq_norm(groups)
+            coef = clip_coefficient(self._total_norm(local, others), self.max_grad_norm)
+            scale_(others, coef)
+        with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
+            for k, work in enumerate(pieces):
+                done, groups = self._groups(work)
+                if type(self.distributed) is Replicated:  # every rank holds every factor: sketches are cheap
+                    ensure_sketches(work.pairs, work.state)
+                store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
+                bad = check_inputs(groups, unchecked, store, self.config)
+                unchecked = unchecked[:0]
+                if bad:
+                    return self._refuse(bad, loss)
+                due = base_products_due(done, self.rule.base_products_every)
+                if due:
+                    attach_base_products(groups, due, self.distributed.base_products(work, due))
+                snapshot = (
+                    Snapshot.take(groups, store, self.config, other_params, self.base) if self.transactional else None
                 )
-                return loss
-            other_params = [
-                p
-                for group in self.param_groups
-                for p in group["params"]
-                if p.grad is not None and p not in self._factors
-            ]
-            due = base_products_due(done, self.rule.base_products_every)
-            if due:
-                attach_base_products(groups, due, self.distributed.base_products(work, due))
-            snapshot = (
-                Snapshot.take(groups, store, self.config, other_params, self.base) if self.transactional else None
-            )
-            try:
-                if self.max_grad_norm is not None:
-                    coef = clip_coefficient(self._total_norm(groups, others), self.max_grad_norm)
-                    scale_([g for group in groups for g in group.g_hat.values()] + others, coef)
-                # The base optimizer must not see the factors (its own or gathered copies) unless a rule delegates.
-                factors = list(self._factors | {f for pair in work.pairs for f in (pair.a, pair.b)})
-                run_step(groups, self.base, store, work.originals, factors, bool(others), self.config)
-            except BaseException:
-                if snapshot is not None:
-                    snapshot.restore()  # all or nothing: the step that raised changed nothing
-                raise
-            store.end_step()
-            self._advance(work, done)
+                try:
+                    if self.max_grad_norm is not None:
+                        if coef is None:  # one bucket: its groups are every pair this rank steps
+                            coef = clip_coefficient(
+                                self._total_norm(self._local_sq_norm(groups), others), self.max_grad_norm
+                            )
+                            scale_(others, coef)
+                        scale_([g for group in groups for g in group.g_hat.values()], coef)
+                    # The base optimizer must not see the factors (its own or gathered copies) unless a rule delegates.
+                    factors = list(self._factors | {f for pair in work.pairs for f in (pair.a, pair.b)})
+                    last = k == len(buckets) - 1  # the other parameters move once, with the last bucket
+                    run_step(groups, self.base, store, work.originals, factors, last and bool(others), self.config)
+                except BaseException:
+                    if snapshot is not None:
+                        snapshot.restore()  # all or nothing: the step that raised changed nothing
+                    raise
+                self._advance(work, done)
+                if last:
+                    store.end_step()
+        return loss
+
+    def _refuse(self, bad: list[int], loss: float | None) -> float | None:
+        """A step with non-finite gradients (indices ``bad``): raise, or count it skipped."""
+        names = describe_gradients(bad, self.pairs, self.param_groups, self._factors)
+        if self.nonfinite == "raise":
+            raise ValueError(f"non-finite gradient in {names}; no state was changed")
+        self.skipped_steps += 1
+        warnings.warn(f"non-finite gradient in {names}: step skipped ({self.skipped_steps} so far)", stacklevel=3)
         return loss
 
     def _store_for(self, state: Any) -> GroupStore:

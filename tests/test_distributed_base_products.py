@@ -73,13 +73,13 @@ def _build(mode: str, every: int) -> tuple[nn.Module, lo.LowRankWrapper]:
 
 def _worker(rank: int, world: int) -> dict:
     gathered: list[tuple[int, ...]] = []
-    gather = fsdp.FSDP2._gather
+    gather = fsdp.FSDP2._start_gather
 
     def recording(self, items):  # every tensor an owner gathers
         gathered.extend(tuple(t.shape) for _, t in items)
         return gather(self, items)
 
-    fsdp.FSDP2._gather = recording  # type: ignore[method-assign]
+    fsdp.FSDP2._start_gather = recording  # type: ignore[method-assign]
     out: dict = {"diff": {}, "bases": {}}
     for every in (1, 2):
         net, opt = _build("single", every)

@@ -341,3 +341,12 @@ def test_a_non_transactional_step_takes_no_copy_and_leaves_a_failed_step_half_do
     with pytest.raises(RuntimeError):
         opt.step()
     assert not _unchanged(before, _everything(model, opt))  # the factors moved before AdamW's step raised
+
+
+def test_transactional_follows_the_strategy_unless_given():
+    model, opt = _trained(lambda p: torch.optim.AdamW(p, lr=1e-2))
+    assert opt.transactional is True  # replicated: a rank that raises can restore and go on
+    assert not lo.distributed.PairSharded.restorable and not lo.distributed.FSDP2.restorable
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="transactional must be True, False or None, got 'yes'"):
+        lo.LowRankWrapper(torch.optim.AdamW(params), model, transactional="yes")  # type: ignore[arg-type]

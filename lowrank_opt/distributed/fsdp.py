@@ -4,19 +4,21 @@ Owner-computes. Every rule needs a pair's whole frozen basis ``F`` (k, r), so a 
 be split across its shards; instead each pair is owned by one rank of the shard group, balanced
 as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pairs`):
 
-1. before the step, the shards of each owned pair's factors and gradients (and, for a rule that
-   reads it whole, the base weight ``W0``) are gathered to the owner only, bucketed: one ``gather`` per
-   owner and dtype for every ``bucket_bytes`` of whole tensors, the next one issued before the
-   last one is unpacked;
+1. the owned stepping pairs are cut into buckets of at most ``bucket_bytes`` of whole tensors per
+   rank (:meth:`FSDP2.buckets`); for each bucket in turn, the shards of its pairs' factors and
+   gradients (and, for a rule that reads it whole, the base weight ``W0``) are gathered to their
+   owners only, one ``gather`` per owner and dtype, the next bucket's gathers in flight while the
+   current one is computed (:meth:`FSDP2.bucketed`);
 2. the owner steps its pairs exactly as a single process would, on whole plain tensors; its
    statistics are plain, whole tensors that live on it alone, as in the pair-sharded mode;
 3. after the step, the owner scatters the moved factor's rows back to their ranks, together with
    its new ``r x r`` basis Gram, which every rank records (one ``scatter`` per owner and dtype
    for every bucket).
 
-Per rank, statistics, step compute and in-step memory (whole factors, gradients and the step's
-temporaries) are those of about ``1 / world`` of the pairs: they fall with the shard group's
-size, also when it exceeds ``r`` (a statistic shaped like ``A`` (r, n) is never split by rows).
+Per rank, statistics and step compute are those of about ``1 / world`` of the pairs, and in-step
+memory (whole factors, gradients and the step's temporaries) that of two buckets of them: they
+fall with the shard group's size, also when it exceeds ``r`` (a statistic shaped like ``A``
+(r, n) is never split by rows).
 Communication per step: ``r (m + n)`` elements of factors and as many of gradients per stepping
 pair in, ``r (m or n)`` plus ``r^2`` per moved factor out. A rule that reads ``W0`` only through
 ``||W0||^2`` and ``<W0, B A>`` (LoFT-Adafactor) gets them reduced from the shards at the steps it
@@ -33,9 +35,9 @@ DTensors, as FSDP2 does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..engine import finite_flags
 from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair, base_products_from
-from ..quantized import project_rows
+from ..quantized import block_elements, project_rows
 from ..rule import CalibrationRule
 from .sharded import assign_pairs, pair_costs
 from .strategy import (
@@ -70,8 +72,10 @@ class FSDP2(DistributedStrategy):
     """The mode for factors sharded by ``fully_shard`` (chosen automatically for DTensor factors).
 
     Args:
-        bucket_bytes: the largest whole-tensor payload moved by one ``gather`` or ``scatter``; the
-            flat buffers of a collective hold about this much on the owner.
+        bucket_bytes: the most bytes of whole tensors (factors, gradients) of the pairs a rank
+            steps at once: the step runs bucket by bucket, the next one gathered while the current
+            one computes, unless it must run whole (``transactional=True``, or a rule that lets
+            the base optimizer move the factors). Also the largest payload of one ``scatter``.
         full_state_dict: ``state_dict()`` gathers every pair's statistics to every rank (see
             :class:`~lowrank_opt.distributed.PairSharded`); for flows that save one rank's state
             dict for all.
@@ -79,6 +83,8 @@ class FSDP2(DistributedStrategy):
     Factors must be ``(Shard(0),)`` on a 1-D mesh (FSDP2) or ``(Replicate(), Shard(0))`` on a 2-D
     mesh (HSDP). Uneven and empty shards (``r < world_size``) follow DTensor's chunking.
     """
+
+    restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
 
     def __init__(self, bucket_bytes: int = 25 * 2**20, *, full_state_dict: bool = False) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
@@ -136,22 +142,77 @@ class FSDP2(DistributedStrategy):
 
     @contextmanager
     def materialised(self, pairs: Sequence[LoRAPair], state: State, with_bases: bool) -> Iterator[Materialised]:
-        """Owned stepping pairs whole on their owner; a pair whose state does not exist yet whole
-        on every rank (once, at construction: every rank records its basis Grams)."""
+        """Owned stepping pairs whole on their owner, all at once; a pair whose state does not exist
+        yet whole on every rank (once, at construction: every rank records its basis Grams)."""
         creating = [i for i, pair in enumerate(pairs) if STEP_KEY not in state[pair.a]]
-        stepping = [i for i, pair in enumerate(pairs) if pair.a.grad is not None]
         whole: dict[Tensor, Tensor] = {}
         if creating:
             for i in creating:
                 for factor in (pairs[i].a, pairs[i].b):
                     whole[factor] = factor.detach().full_tensor()  # type: ignore[attr-defined]
         else:
-            wanted = [
-                (self.owners[i], t)
-                for i in stepping
-                for t in self._pair_tensors(pairs[i], with_bases and pairs[i].base_weight is not None)
-            ]
-            whole = self._gather(wanted)
+            stepping = [i for i, pair in enumerate(pairs) if pair.a.grad is not None]
+            whole = self._start_gather(self._wanted(pairs, stepping, with_bases)).wait()
+        with self._working_set(pairs, state, whole, None) as work:
+            yield work
+
+    def buckets(self, pairs: Sequence[LoRAPair], stepping: Sequence[int], with_bases: bool) -> list[list[int]]:
+        """Each rank's owned stepping pairs, in order, cut where their whole tensors (factors,
+        gradients, and base weights for a rule that reads them) would pass ``bucket_bytes``; bucket
+        ``k`` holds every rank's ``k``-th piece, so that all ranks compute at once."""
+        pieces: dict[int, list[list[int]]] = {}
+        filled: dict[int, int] = {}
+        for i in stepping:
+            owner = self.owners[i]
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases))
+            )
+            chunks = pieces.setdefault(owner, [[]])
+            if chunks[-1] and filled[owner] + nbytes > self.bucket_bytes:
+                chunks.append([])
+                filled[owner] = 0
+            chunks[-1].append(i)
+            filled[owner] = filled.get(owner, 0) + nbytes
+        count = max((len(chunks) for chunks in pieces.values()), default=0)
+        return [sorted(i for chunks in pieces.values() if k < len(chunks) for i in chunks[k]) for k in range(count)]
+
+    def bucketed(
+        self, pairs: Sequence[LoRAPair], state: State, with_bases: bool, buckets: Sequence[Sequence[int]]
+    ) -> Generator[Materialised, None, None]:
+        """One bucket after another, whole on their owners; the next bucket's gathers are in flight
+        while the consumer computes on the current one, so at most two buckets are whole at once."""
+        pending = self._start_gather(self._wanted(pairs, buckets[0], with_bases)) if buckets else None
+        try:
+            for k, bucket in enumerate(buckets):
+                assert pending is not None
+                whole, pending = pending.wait(), None
+                if k + 1 < len(buckets):
+                    pending = self._start_gather(self._wanted(pairs, buckets[k + 1], with_bases))
+                with self._working_set(pairs, state, whole, bucket) as work:
+                    yield work
+                del whole
+        finally:
+            if pending is not None:  # closed early (a verdict every rank shares): drain the gathers in flight
+                pending.wait()
+
+    def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
+        """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole."""
+        return [
+            (self.owners[i], t)
+            for i in indices
+            for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases))
+        ]
+
+    @staticmethod
+    def _with_base(pair: LoRAPair, with_bases: bool) -> bool:
+        return with_bases and pair.base_weight is not None
+
+    @contextmanager
+    def _working_set(
+        self, pairs: Sequence[LoRAPair], state: State, whole: Mapping[Tensor, Tensor], indices: Sequence[int] | None
+    ) -> Iterator[Materialised]:
+        """The pairs with the whole tensors of ``whole`` in working factors (the others as they are)."""
         shadows: dict[Tensor, nn.Parameter] = {}
         work_pairs = []
         for pair in pairs:
@@ -175,7 +236,8 @@ class FSDP2(DistributedStrategy):
                 work_state[shadows.get(factor, factor)] = state[factor]
         self._shadows = shadows
         try:
-            yield Materialised(work_pairs, work_state, {shadow: factor for factor, shadow in shadows.items()})
+            originals: dict[Tensor, Tensor] = {shadow: factor for factor, shadow in shadows.items()}
+            yield Materialised(work_pairs, work_state, originals, None if indices is None else list(indices))
             with torch.no_grad():  # this rank's rows of its own pairs' gradients (clip_grad_norm_ scales them)
                 for factor, shadow in shadows.items():
                     if shadow.grad is not None and isinstance(factor.grad, DTensor):
@@ -214,13 +276,33 @@ class FSDP2(DistributedStrategy):
         them (``B``, whose rows ``fully_shard`` splits like those of ``W0``; or, for ``W0^T``, rows
         of ``A^T``, from ``A`` all-gathered, ``r n`` elements): ``||W0_rows||^2`` and
         ``R_rows^T W0_rows`` (r, cols), in float64. One all-reduce over the shard group sums
-        them; the owner finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a
-        DTensor is read whole by the owner.
+        them (in chunks of at most :func:`~lowrank_opt.quantized.block_elements` partials, one
+        all-reduce each); the owner finishes ``<R^T W0, P>`` with its whole partner ``P``. A base
+        that is not a DTensor is read whole by the owner.
         """
         sharded = [i for i in due if isinstance(work.pairs[i].base_weight, DTensor)]
         products = super().base_products(work, sorted(set(due) - set(sharded)))  # bases every rank holds whole
-        partials: list[tuple[int, Tensor, Tensor | None]] = []  # (pair, float64 [sq, R^T W0], partner on the owner)
+        # Reduced in chunks of at most one pair or BLOCK_ELEMENTS float64 partials: the
+        # buffer stays a block's size however many pairs are due.
+        chunks: list[list[int]] = [[]]
+        filled = 0
         for i in sharded:
+            size = 1 + work.pairs[i].rank * _base_cols(work.pairs[i])
+            if chunks[-1] and filled + size > block_elements(self._device):
+                chunks.append([])
+                filled = 0
+            chunks[-1].append(i)
+            filled += size
+        for chunk in chunks:
+            if chunk:
+                products.update(self._reduced_base_products(work, chunk))
+        return products
+
+    def _reduced_base_products(self, work: Materialised, indices: Sequence[int]) -> dict[int, Tensor]:
+        """The base products of the pairs ``indices`` (DTensor bases) with one all-reduce; on their owners."""
+        sizes = [1 + work.pairs[i].rank * _base_cols(work.pairs[i]) for i in indices]
+        flat = torch.empty(sum(sizes), dtype=torch.float64, device=comm_device(self._shard_group))
+        for i, part in zip(indices, flat.split(sizes)):  # each pair's partial straight into its piece
             pair = work.pairs[i]
             assert pair.base_weight is not None
             original_a, original_b = (work.originals.get(f, f) for f in (pair.a, pair.b))
@@ -229,18 +311,17 @@ class FSDP2(DistributedStrategy):
                 rows = self._rows_of(pair.matrix_a(whole_a).double().T, self.rank)
             else:  # fully_shard splits the rows of B as those of W0
                 rows = pair.matrix_b(_local(original_b).detach()).double()
-            # On the owner the working factors are whole: its partner P.
-            partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1] if self.owns(i) else None
             base_rows = pair.base_weight.to_local()  # type: ignore[attr-defined]
             sq_norm, projected = project_rows(base_rows, rows, label=pair.name or "base_weight")
-            partials.append((i, torch.cat((sq_norm[None], projected.flatten())), partner))
-        if partials:
-            flat = torch.cat([p for _, p, _ in partials]).to(comm_device(self._shard_group))
-            dist.all_reduce(flat, group=self._shard_group)
-            for (i, part, partner), summed in zip(partials, flat.split([p.numel() for _, p, _ in partials])):
-                if partner is not None:
-                    summed = summed.to(part.device)
-                    products[i] = base_products_from(summed[0], summed[1:], partner)
+            part[0] = sq_norm
+            part[1:].copy_(projected.flatten())
+        dist.all_reduce(flat, group=self._shard_group)
+        products = {}
+        for i, summed in zip(indices, flat.split(sizes)):
+            if self.owns(i):  # on the owner the working factors are whole: its partner P
+                pair = work.pairs[i]
+                partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1]
+                products[i] = base_products_from(summed[0], summed[1:].to(partner.device), partner)
         return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
@@ -301,14 +382,12 @@ class FSDP2(DistributedStrategy):
             filled += nbytes
         return buckets
 
-    def _gather(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
-        """Whole copies of DTensors ``(owner, dtensor)`` on their owners: one ``gather`` per owner
-        and dtype in each bucket, the next one in flight while the last one is unpacked (at most
-        two collectives' buffers alive). A tensor of at least :data:`ALONE_BYTES` is gathered on
-        its own, straight into its whole copy (DTensor's shards pad only at the end, so the ranks'
-        padded pieces laid end to end are the whole tensor): no second copy of a large base weight.
-        Returns this rank's whole tensors, keyed by the DTensor."""
-        out: dict[Tensor, Tensor] = {}
+    def _start_gather(self, items: Sequence[tuple[int, Tensor]]) -> _Gathering:
+        """Issue, without waiting, the gathers of whole copies of DTensors ``(owner, dtensor)`` on
+        their owners: one ``gather`` per owner and dtype in each bucket. A tensor of at least
+        :data:`ALONE_BYTES` is gathered on its own, straight into its whole copy (DTensor's shards
+        pad only at the end, so the ranks' padded pieces laid end to end are the whole tensor):
+        no second copy of a large base weight."""
         device = comm_device(self._shard_group)
         calls: list[tuple[int, list[Tensor]]] = []
         for bucket in self._buckets(items):
@@ -319,7 +398,7 @@ class FSDP2(DistributedStrategy):
                 else:
                     by_key.setdefault((owner, t.dtype), []).append(t)
             calls += [(owner, tensors) for (owner, _), tensors in by_key.items()]
-        in_flight: list[tuple[Any, Tensor | None, list[int], list[Tensor]]] = []
+        launched = []
         for owner, tensors in calls:
             sizes = [self._padded(t) for t in tensors]
             send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=device)
@@ -332,30 +411,20 @@ class FSDP2(DistributedStrategy):
             )
             received = list(buffer.split(send.numel())) if buffer is not None else None
             work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
-            in_flight.append((work, buffer, sizes, tensors))
-            if len(in_flight) > 1:
-                self._unpack(*in_flight.pop(0), out)
-        for call in in_flight:
-            self._unpack(*call, out)
-        return out
+            launched.append(_Gather(work, send, buffer, sizes, tensors))
+        return _Gathering(self, launched)
 
-    def _unpack(
-        self,
-        work: Any,
-        buffer: Tensor | None,
-        sizes: list[int],
-        tensors: list[Tensor],
-        out: dict[Tensor, Tensor],
-    ) -> None:
+    def _unpack(self, call: _Gather, out: dict[Tensor, Tensor]) -> None:
         """Wait for one gather and, on its owner, assemble each whole tensor from the ranks' rows."""
-        work.wait()
+        call.work.wait()
+        buffer, tensors = call.buffer, call.tensors
         if buffer is None:
             return
         if len(tensors) == 1:  # one tensor: the buffer is already the whole, padded at the end
             t = tensors[0]
             out[t] = buffer[: t.numel()].view(t.shape).to(t.device)
             return
-        pieces = [flat.split(sizes) for flat in buffer.split(sum(sizes))]
+        pieces = [flat.split(call.sizes) for flat in buffer.split(sum(call.sizes))]
         for k, t in enumerate(tensors):
             row = t.numel() // max(t.shape[0], 1)
             parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
@@ -405,6 +474,37 @@ class FSDP2(DistributedStrategy):
                             continue
                         local = _local(original)
                         local.copy_(piece[: local.numel()].view_as(local))
+
+
+@dataclass
+class _Gather:
+    """One gather in flight: its work handle, what it sends, and (on the owner) where it lands."""
+
+    work: Any
+    send: Tensor  # kept alive until the collective completes
+    buffer: Tensor | None
+    sizes: list[int]
+    tensors: list[Tensor]
+
+
+@dataclass
+class _Gathering:
+    """The gathers of one bucket, issued; :meth:`wait` gives this rank's whole tensors, keyed by DTensor."""
+
+    strategy: FSDP2
+    calls: list[_Gather]
+
+    def wait(self) -> dict[Tensor, Tensor]:
+        out: dict[Tensor, Tensor] = {}
+        while self.calls:  # each buffer goes as soon as its tensors are unpacked
+            self.strategy._unpack(self.calls.pop(0), out)
+        return out
+
+
+def _base_cols(pair: LoRAPair) -> int:
+    """Columns of the base weight as stored (``n``, or ``m`` for ``W0^T``)."""
+    m, n = pair.full_shape
+    return m if pair.base_transposed else n
 
 
 def _local(t: Tensor) -> Tensor:

@@ -101,6 +101,8 @@ class PairSharded(DistributedStrategy):
     all-reduce of a float64 scalar.
     """
 
+    restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
+
     def __init__(
         self,
         process_group: dist.ProcessGroup | None = None,

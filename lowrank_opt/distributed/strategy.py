@@ -30,9 +30,9 @@ every rank holds the same gradients and computes the same step.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,15 +66,26 @@ class Materialised:
             weight where asked) that carry their gradients.
         state: the state entry of every factor of ``pairs``, keyed by those factors.
         originals: working factor -> the optimizer's parameter, where the two differ.
+        indices: the pairs this piece of a step covers (:meth:`DistributedStrategy.bucketed`);
+            ``None``: every pair with gradients.
     """
 
     pairs: list[LoRAPair]
     state: MutableMapping[Tensor, dict[str, Any]]
     originals: dict[Tensor, Tensor] = field(default_factory=dict)
+    indices: list[int] | None = None
 
 
 class DistributedStrategy:
-    """Base class of the strategies; on its own it is the replicated mode."""
+    """Base class of the strategies; on its own it is the replicated mode.
+
+    Attributes:
+        restorable: a rank that raises inside its step can restore what it changed and leave its
+            peers able to go on: nothing after that point waits for it in a collective. The
+            wrapper's ``transactional=None`` follows it.
+    """
+
+    restorable: bool = True
 
     def setup(
         self, pairs: Sequence[LoRAPair], rule: CalibrationRule, param_group_of: Mapping[Tensor, Mapping[str, Any]]
@@ -97,6 +108,24 @@ class DistributedStrategy:
 
         ``with_bases``: the rule reads the frozen base weights, so they must be whole too."""
         yield Materialised(list(pairs), state)
+
+    def buckets(self, pairs: Sequence[LoRAPair], stepping: Sequence[int], with_bases: bool) -> list[list[int]]:
+        """The stepping pairs cut into the pieces a step computes one after another (the same on
+        every rank), for a step that need not hold them all at once. Here: one piece."""
+        return [list(stepping)]
+
+    def bucketed(
+        self,
+        pairs: Sequence[LoRAPair],
+        state: MutableMapping[Tensor, dict[str, Any]],
+        with_bases: bool,
+        buckets: Sequence[Sequence[int]],
+    ) -> Generator[Materialised, None, None]:
+        """Each bucket of :meth:`buckets` in turn, as :meth:`materialised` gives the pairs, with
+        ``indices`` set; the consumer closes the generator (``contextlib.closing``) if it stops early."""
+        for bucket in buckets:
+            with self.materialised(pairs, state, with_bases) as work:
+                yield replace(work, indices=list(bucket))
 
     def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
         """``(||W0||^2, <W0, B A>)`` (2,) of each pair of ``due`` that this rank owns and that has a
