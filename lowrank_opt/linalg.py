@@ -21,12 +21,11 @@ from einops import rearrange
 from torch import Tensor
 
 # A step's transient blocks hold at most TRANSIENT_MULTIPLE times the elements of the factors they
-# serve, within [TRANSIENT_FLOOR, the device's ceiling]: on a CPU, blocks that stay in cache are
-# fastest; on an accelerator, fewer and larger kernels are.
+# serve, within the device's (floor, ceiling): on a CPU, blocks that stay in cache are fastest; on
+# an accelerator, fewer and larger kernels are, and a block of 2^20 elements is still small.
 TRANSIENT_MULTIPLE = 4
-TRANSIENT_FLOOR = 1 << 16
-TRANSIENT_CEILING = {"cpu": 1 << 19}
-ACCELERATOR_TRANSIENT_CEILING = 1 << 22
+CPU_TRANSIENT_BOUNDS = (1 << 16, 1 << 19)
+ACCELERATOR_TRANSIENT_BOUNDS = (1 << 20, 1 << 22)
 
 __all__ = [
     "compute_dtype",
@@ -189,6 +188,7 @@ def congruence_packed_(packed: Tensor, t: Tensor, triu: Tensor, block_cols: int)
         rows = packed[:, start : start + block_cols]
         blocks = unpack_blocks(rows, triu, r)  # (G, c, r, r)
         rows.copy_(pack_blocks(t @ blocks @ t.transpose(-2, -1), triu))
+        del blocks  # before the next block's
 
 
 def quadratic_form_rows(basis: Tensor, triu: Tensor) -> Tensor:
@@ -207,8 +207,8 @@ def transient_elements(served: int, device: torch.device) -> int:
 
     Proportional to what is served (:data:`TRANSIENT_MULTIPLE` times), so a step's transients stay a
     small multiple of its factors and statistics however small the pairs are (what a memory-bounded
-    distributed step counts on), but never below :data:`TRANSIENT_FLOOR`, where a block loop would
-    cost more in kernel launches than it saves, nor above the device's ceiling.
+    distributed step counts on), within the device's bounds: below the floor a block loop would
+    cost more in kernel launches than it saves, above the ceiling it would gain nothing.
     """
-    ceiling = TRANSIENT_CEILING.get(device.type, ACCELERATOR_TRANSIENT_CEILING)
-    return max(TRANSIENT_FLOOR, min(ceiling, TRANSIENT_MULTIPLE * served))
+    floor, ceiling = CPU_TRANSIENT_BOUNDS if device.type == "cpu" else ACCELERATOR_TRANSIENT_BOUNDS
+    return max(floor, min(ceiling, TRANSIENT_MULTIPLE * served))

@@ -169,6 +169,7 @@ class LoFTAdafactor(CalibrationRule):
             u.mul_(f @ g[..., part]).mul_(s)  # U = X / sqrt(V_hat), X = s F g: (k, r) @ (r, c)
             sq_norm += u.square().sum((-2, -1))
             out[..., part] = ft @ u  # (r, k) @ (k, c) -> (r, c)
+            del u  # before the next block's
         return view.coefficients(out), sq_norm
 
 

@@ -111,6 +111,7 @@ def projected_direction(
         denom.clamp_(min=0).sqrt_().mul_(s).add_(eps)
         u = first.mul_(s).div_(denom)
         out[..., cols] = torch.bmm(ft, u)  # (r, k) @ (k, c) -> (r, c)
+        del first, denom, u  # before the next block's: one block of transients alive, not two
     return view.coefficients(out)
 
 

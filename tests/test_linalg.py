@@ -83,9 +83,11 @@ def test_transport_is_identity_when_the_basis_did_not_move():
 
 
 def test_transient_blocks_are_a_multiple_of_the_factors_within_the_device_bounds():
-    cpu, accelerator = torch.device("cpu"), torch.device("cuda")
-    assert linalg.transient_elements(10, cpu) == linalg.TRANSIENT_FLOOR  # tiny pairs: the floor
-    served = linalg.TRANSIENT_FLOOR  # four times this lies between the floor and the CPU ceiling
-    assert linalg.transient_elements(served, cpu) == linalg.TRANSIENT_MULTIPLE * served
-    assert linalg.transient_elements(2**30, cpu) == linalg.TRANSIENT_CEILING["cpu"]
-    assert linalg.transient_elements(2**30, accelerator) == linalg.ACCELERATOR_TRANSIENT_CEILING
+    for device, (floor, ceiling) in (
+        (torch.device("cpu"), linalg.CPU_TRANSIENT_BOUNDS),
+        (torch.device("cuda"), linalg.ACCELERATOR_TRANSIENT_BOUNDS),
+    ):
+        assert linalg.transient_elements(10, device) == floor  # tiny pairs: the floor
+        served = floor  # four times this lies between the floor and the ceiling
+        assert linalg.transient_elements(served, device) == linalg.TRANSIENT_MULTIPLE * served
+        assert linalg.transient_elements(2**30, device) == ceiling
