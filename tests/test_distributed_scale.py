@@ -1,6 +1,7 @@
-"""4 gloo ranks: owner-computes FSDP2 (1-D mesh of 4, small buckets), HSDP (2 x 2 mesh) and
-pair-sharded against a single process, bit for bit; FSDP2 with tiny buckets and tensors of
-512 bytes or more gathered alone, so both ways of gathering run.
+"""4 gloo ranks: owner-computes FSDP2 (1-D mesh of 4), HSDP (2 x 2 mesh) and pair-sharded against
+a single process, bit for bit. FSDP2 and HSDP use tiny buckets, so the step runs bucket by bucket
+(with the clip's first pass); FSDP2 gathers tensors of 512 bytes or more alone, so both ways of
+gathering run.
 
 Bit-identity needs gradients that every mode sums exactly: ranks 0 and 1 see the two halves of
 each global batch, ranks 2 and 3 a loss weighted 0 (gradients exactly 0). Any order of summing
@@ -45,7 +46,7 @@ def _build(rule: str, mode: str) -> tuple[nn.Module, lo.LowRankWrapper]:
         for layer in net.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)
-        strategy = lo.distributed.FSDP2(bucket_bytes=256 if mode == "fsdp2" else 25 * 2**20)
+        strategy = lo.distributed.FSDP2(bucket_bytes=256)  # a bucket per pair: the step runs bucket by bucket
     base = make_base([p for p in net.parameters() if p.requires_grad])
     return net, lo.LowRankWrapper(base, net, rule=rule, distributed=strategy, max_grad_norm=1.0)
 

@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..engine import finite_flags
 from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair, base_products_from
-from ..quantized import block_elements, project_rows
+from ..quantized import project_rows
 from ..rule import CalibrationRule
 from .sharded import assign_pairs, pair_costs
 from .strategy import (
@@ -276,19 +276,19 @@ class FSDP2(DistributedStrategy):
         them (``B``, whose rows ``fully_shard`` splits like those of ``W0``; or, for ``W0^T``, rows
         of ``A^T``, from ``A`` all-gathered, ``r n`` elements): ``||W0_rows||^2`` and
         ``R_rows^T W0_rows`` (r, cols), in float64. One all-reduce over the shard group sums
-        them (in chunks of at most :func:`~lowrank_opt.quantized.block_elements` partials, one
-        all-reduce each); the owner finishes ``<R^T W0, P>`` with its whole partner ``P``. A base
-        that is not a DTensor is read whole by the owner.
+        them (in chunks of at most ``bucket_bytes`` of partials, one all-reduce each); the owner
+        finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a DTensor is read
+        whole by the owner.
         """
         sharded = [i for i in due if isinstance(work.pairs[i].base_weight, DTensor)]
         products = super().base_products(work, sorted(set(due) - set(sharded)))  # bases every rank holds whole
-        # Reduced in chunks of at most one pair or BLOCK_ELEMENTS float64 partials: the
-        # buffer stays a block's size however many pairs are due.
+        # Reduced in chunks of at most one pair or bucket_bytes of float64 partials: the buffer
+        # stays within the step's memory budget however many pairs are due.
         chunks: list[list[int]] = [[]]
         filled = 0
         for i in sharded:
             size = 1 + work.pairs[i].rank * _base_cols(work.pairs[i])
-            if chunks[-1] and filled + size > block_elements(self._device):
+            if chunks[-1] and 8 * (filled + size) > self.bucket_bytes:
                 chunks.append([])
                 filled = 0
             chunks[-1].append(i)
