@@ -11,9 +11,9 @@ runs with its default bucket (25 MiB: every pair a rank owns in one bucket, here
   existed before it (every tensor a step allocates is recorded by a dispatch mode; CPU);
 * ``total``: state plus in-step peak, the optimizer's share of the rank's memory;
 * ``sent`` and ``collectives``: bytes this rank passes to ``torch.distributed`` collectives
-  during ``step()`` (all-reduce and broadcast: the tensor; all-gather and gather: its input;
-  scatter: the piece it receives), and their number. DDP's and FSDP's own gradient reductions
-  happen in ``backward()`` and are not counted;
+  during ``step()`` (all-reduce, reduce and broadcast: the tensor; all-gather and gather: its
+  input; scatter: the piece it receives), and their number. DDP's and FSDP's own gradient
+  reductions happen in ``backward()`` and are not counted;
 * ``ms/step``: the median of ``--steps`` timed steps (2 CPU threads shared by all ranks, so
   compare modes within one world size).
 
@@ -78,6 +78,7 @@ class CommCounter:
 
     SENT: dict[str, Callable[[tuple, dict], int]] = {
         "all_reduce": lambda a, k: _nbytes(a[0]),
+        "reduce": lambda a, k: _nbytes(a[0]),
         "broadcast": lambda a, k: _nbytes(a[0]),
         "all_gather": lambda a, k: _nbytes(a[1]),
         "gather": lambda a, k: _nbytes(a[0]),

@@ -397,6 +397,8 @@ class LowRankWrapper(Optimizer):
                 unchecked = unchecked[:0]
                 if bad:
                     return self._refuse(bad, loss)
+                if self.schedule.mode != "sequential":  # which lifts gradients again mid-step
+                    self.distributed.release_gradients(work)
                 due = base_products_due(done, self.rule.base_products_every)
                 if due:
                     attach_base_products(groups, due, self.distributed.base_products(work, due))

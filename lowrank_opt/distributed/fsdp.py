@@ -210,9 +210,11 @@ class FSDP2(DistributedStrategy):
 
     @contextmanager
     def _working_set(
-        self, pairs: Sequence[LoRAPair], state: State, whole: Mapping[Tensor, Tensor], indices: Sequence[int] | None
+        self, pairs: Sequence[LoRAPair], state: State, whole: dict[Tensor, Tensor], indices: Sequence[int] | None
     ) -> Iterator[Materialised]:
-        """The pairs with the whole tensors of ``whole`` in working factors (the others as they are)."""
+        """The pairs with the whole tensors of ``whole`` in working factors (the others as they are).
+        Empties ``whole``: from then on the working factors alone hold the copies, so that one
+        they drop (:meth:`release_gradients`) is freed."""
         shadows: dict[Tensor, nn.Parameter] = {}
         work_pairs = []
         for pair in pairs:
@@ -226,6 +228,7 @@ class FSDP2(DistributedStrategy):
                 a, b = shadows[pair.a], shadows[pair.b]
             base = whole.get(pair.base_weight, pair.base_weight) if pair.base_weight is not None else None
             work_pairs.append(replace(pair, a=a, b=b, base_weight=base) if a is not pair.a else pair)
+        whole.clear()
         # Working and original factors share one state entry: the statistics are the owner's plain
         # tensors. The dict and the working factors are the same objects at every step, so the
         # engine's stacked statistics are reused rather than stacked again.
@@ -248,6 +251,12 @@ class FSDP2(DistributedStrategy):
                 shadow.data = shadow.data.new_empty(0)
             work_state.clear()
             self._shadows = {}
+
+    def release_gradients(self, work: Materialised) -> None:
+        """Drop the gathered whole gradients of the working set: ``step()`` reads ``g_hat`` from
+        here on and changes no gradient, so nothing is written back to the shards."""
+        for shadow in self._shadows.values():
+            shadow.grad = None
 
     def _shadow_of(self, factor: Tensor) -> nn.Parameter:
         """The working factor that stands for the DTensor ``factor`` at every step (empty between steps)."""
@@ -275,31 +284,33 @@ class FSDP2(DistributedStrategy):
         Each rank projects its rows of ``W0`` on the same rows of the factor ``R`` that runs along
         them (``B``, whose rows ``fully_shard`` splits like those of ``W0``; or, for ``W0^T``, rows
         of ``A^T``, from ``A`` all-gathered, ``r n`` elements): ``||W0_rows||^2`` and
-        ``R_rows^T W0_rows`` (r, cols), in float64. One all-reduce over the shard group sums
-        them (in chunks of at most ``bucket_bytes`` of partials, one all-reduce each); the owner
+        ``R_rows^T W0_rows`` (r, cols), in float64. A reduce to each owner sums those of its
+        pairs (in chunks of at most ``bucket_bytes`` of partials, one reduce each); the owner
         finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a DTensor is read
         whole by the owner.
         """
         sharded = [i for i in due if isinstance(work.pairs[i].base_weight, DTensor)]
         products = super().base_products(work, sorted(set(due) - set(sharded)))  # bases every rank holds whole
-        # Reduced in chunks of at most one pair or bucket_bytes of float64 partials: the buffer
-        # stays within the step's memory budget however many pairs are due.
-        chunks: list[list[int]] = [[]]
-        filled = 0
-        for i in sharded:
-            size = 1 + work.pairs[i].rank * _base_cols(work.pairs[i])
-            if chunks[-1] and 8 * (filled + size) > self.bucket_bytes:
-                chunks.append([])
-                filled = 0
-            chunks[-1].append(i)
-            filled += size
-        for chunk in chunks:
-            if chunk:
-                products.update(self._reduced_base_products(work, chunk))
+        # Reduced to each owner in turn, in chunks of at most one pair or bucket_bytes of float64
+        # partials: a rank holds the partials of one owner's pairs at a time, not of every pair.
+        for owner in range(self.shards):
+            chunks: list[list[int]] = [[]]
+            filled = 0
+            for i in (i for i in sharded if self.owners[i] == owner):
+                size = 1 + work.pairs[i].rank * _base_cols(work.pairs[i])
+                if chunks[-1] and 8 * (filled + size) > self.bucket_bytes:
+                    chunks.append([])
+                    filled = 0
+                chunks[-1].append(i)
+                filled += size
+            for chunk in chunks:
+                if chunk:
+                    products.update(self._reduced_base_products(work, chunk, owner))
         return products
 
-    def _reduced_base_products(self, work: Materialised, indices: Sequence[int]) -> dict[int, Tensor]:
-        """The base products of the pairs ``indices`` (DTensor bases) with one all-reduce; on their owners."""
+    def _reduced_base_products(self, work: Materialised, indices: Sequence[int], owner: int) -> dict[int, Tensor]:
+        """The base products of the pairs ``indices`` (DTensor bases, all owned by ``owner``) with one
+        reduce to the owner; empty on the other ranks."""
         sizes = [1 + work.pairs[i].rank * _base_cols(work.pairs[i]) for i in indices]
         flat = torch.empty(sum(sizes), dtype=torch.float64, device=comm_device(self._shard_group))
         for i, part in zip(indices, flat.split(sizes)):  # each pair's partial straight into its piece
@@ -315,13 +326,14 @@ class FSDP2(DistributedStrategy):
             sq_norm, projected = project_rows(base_rows, rows, label=pair.name or "base_weight")
             part[0] = sq_norm
             part[1:].copy_(projected.flatten())
-        dist.all_reduce(flat, group=self._shard_group)
-        products = {}
-        for i, summed in zip(indices, flat.split(sizes)):
-            if self.owns(i):  # on the owner the working factors are whole: its partner P
-                pair = work.pairs[i]
-                partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1]
-                products[i] = base_products_from(summed[0], summed[1:].to(partner.device), partner)
+        dist.reduce(flat, group=self._shard_group, group_dst=owner)
+        products: dict[int, Tensor] = {}
+        if owner != self.rank:
+            return products
+        for i, summed in zip(indices, flat.split(sizes)):  # the working factors are whole here: the partner P
+            pair = work.pairs[i]
+            partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1]
+            products[i] = base_products_from(summed[0], summed[1:].to(partner.device), partner)
         return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
@@ -415,8 +427,7 @@ class FSDP2(DistributedStrategy):
         return _Gathering(self, launched)
 
     def _unpack(self, call: _Gather, out: dict[Tensor, Tensor]) -> None:
-        """Wait for one gather and, on its owner, assemble each whole tensor from the ranks' rows."""
-        call.work.wait()
+        """On the owner of a completed gather, assemble each whole tensor from the ranks' rows."""
         buffer, tensors = call.buffer, call.tensors
         if buffer is None:
             return
@@ -481,7 +492,7 @@ class _Gather:
     """One gather in flight: its work handle, what it sends, and (on the owner) where it lands."""
 
     work: Any
-    send: Tensor  # kept alive until the collective completes
+    send: Tensor | None  # kept alive until the collective completes
     buffer: Tensor | None
     sizes: list[int]
     tensors: list[Tensor]
@@ -495,8 +506,11 @@ class _Gathering:
     calls: list[_Gather]
 
     def wait(self) -> dict[Tensor, Tensor]:
+        for call in self.calls:  # every send buffer goes (the work holds it too) before anything is unpacked
+            call.work.wait()
+            call.work = call.send = None
         out: dict[Tensor, Tensor] = {}
-        while self.calls:  # each buffer goes as soon as its tensors are unpacked
+        while self.calls:  # each receive buffer goes as soon as its tensors are unpacked
             self.strategy._unpack(self.calls.pop(0), out)
         return out
 

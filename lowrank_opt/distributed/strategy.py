@@ -127,6 +127,11 @@ class DistributedStrategy:
             with self.materialised(pairs, state, with_bases) as work:
                 yield replace(work, indices=list(bucket))
 
+    def release_gradients(self, work: Materialised) -> None:
+        """Called once the coefficient gradients of ``work``'s groups exist and nothing in the step
+        reads the factors' gradients again: a strategy may drop copies it made for the step. Here:
+        nothing to drop (the gradients are the caller's)."""
+
     def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
         """``(||W0||^2, <W0, B A>)`` (2,) of each pair of ``due`` that this rank owns and that has a
         base weight, from the factors before the step, keyed by pair index; ``due`` is the same on
