@@ -292,18 +292,20 @@ class LowRankWrapper(Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------------ step
-    def _groups(self, work: Materialised) -> tuple[dict[int, int], list[Group]]:
-        """Steps taken by every pair the piece ``work`` covers, and the groups of those this rank
-        owns (with ``g_hat``)."""
+    def _done(self, work: Materialised) -> dict[int, int]:
+        """Steps taken by every pair the piece ``work`` covers."""
         covered = stepping_pairs(work.pairs) if work.indices is None else work.indices
-        done = steps_done(work.pairs, covered, work.state)
+        return steps_done(work.pairs, covered, work.state)
+
+    def _groups(self, work: Materialised, done: dict[int, int]) -> list[Group]:
+        """The groups (with ``g_hat``) of the pairs of ``done`` that this rank owns."""
         owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
         groups = form_groups(work.pairs, owned, self._working_groups(work), self.config, work.state)
         # Hyperparameters may change after construction (a scheduler, a user): refuse what the rule
         # cannot honour before anything moves.
         for param_group in {id(pg): pg for g in groups for pg in g.param_groups.values()}.values():
             self.rule.check_group(param_group)
-        return done, groups
+        return groups
 
     def _others(self) -> list[Tensor]:
         """The parameters that are not LoRA factors and have gradients."""
@@ -335,7 +337,8 @@ class LowRankWrapper(Optimizer):
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         with torch.no_grad(), self._materialised() as work:
-            done, groups = self._groups(work)
+            done = self._done(work)
+            groups = self._groups(work, done)
             others = [p.grad for p in self._others() if p.grad is not None]
             total = self._total_norm(self._local_sq_norm(groups), others)
             if max_norm < math.inf:
@@ -349,7 +352,7 @@ class LowRankWrapper(Optimizer):
         current ``.grad``, without changing anything. For logging which layers drive the total."""
         norms: list[Tensor | None] = [None] * len(self.pairs)
         with torch.no_grad(), self._materialised() as work:
-            _, groups = self._groups(work)
+            groups = self._groups(work, self._done(work))
             for group in groups:
                 for i, value in zip(group.indices, pair_sq_norms(group, self.config.full_space_clip).sqrt()):
                     norms[i] = value
@@ -379,7 +382,7 @@ class LowRankWrapper(Optimizer):
             local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
             with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
                 for work in pieces:
-                    _, groups = self._groups(work)
+                    groups = self._groups(work, self._done(work))
                     bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
                     unchecked = unchecked[:0]
                     if bad:
@@ -389,7 +392,11 @@ class LowRankWrapper(Optimizer):
             scale_(others, coef)
         with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
             for k, work in enumerate(pieces):
-                done, groups = self._groups(work)
+                done = self._done(work)
+                # From the factors before the step, and before the groups' copies of them exist.
+                due = base_products_due(done, self.rule.base_products_every)
+                products = self.distributed.base_products(work, due) if due else {}
+                groups = self._groups(work, done)
                 if type(self.distributed) is Replicated:  # every rank holds every factor: sketches are cheap
                     ensure_sketches(work.pairs, work.state)
                 store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
@@ -399,9 +406,8 @@ class LowRankWrapper(Optimizer):
                     return self._refuse(bad, loss)
                 if self.schedule.mode != "sequential":  # which lifts gradients again mid-step
                     self.distributed.release_gradients(work)
-                due = base_products_due(done, self.rule.base_products_every)
                 if due:
-                    attach_base_products(groups, due, self.distributed.base_products(work, due))
+                    attach_base_products(groups, due, products)
                 snapshot = (
                     Snapshot.take(groups, store, self.config, other_params, self.base) if self.transactional else None
                 )
@@ -421,6 +427,7 @@ class LowRankWrapper(Optimizer):
                     if snapshot is not None:
                         snapshot.restore()  # all or nothing: the step that raised changed nothing
                     raise
+                del groups, snapshot  # their stacked copies go before the moved factors travel
                 self._advance(work, done)
                 if last:
                     store.end_step()

@@ -485,6 +485,7 @@ class FSDP2(DistributedStrategy):
                             continue
                         local = _local(original)
                         local.copy_(piece[: local.numel()].view_as(local))
+                del received, chunks  # before the next call's buffers
 
 
 @dataclass
