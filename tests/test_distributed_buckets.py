@@ -3,7 +3,8 @@
 With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and scatters one
 bucket after another (the next one's gathers in flight): no more than one bucket's pairs are whole
 at once, the clip still sees every pair's norm, and the result is a single process's bit for bit.
-A transactional step, which must be able to put everything back, runs as one bucket. A
+A transactional step, which must be able to put everything back, runs as one bucket; the
+sequential schedule, which lifts gradients again mid-step, keeps the gathered gradients. A
 non-finite gradient on one rank makes both ranks skip (or raise) before any bucket moves, and the
 next step runs normally (the gathers in flight were drained).
 """
@@ -75,6 +76,13 @@ def _worker(rank: int, world: int) -> dict:
                 "owned": owned,
                 "buckets": strategy.buckets(opt.pairs, list(range(len(opt.pairs))), False),
             }
+    # The sequential schedule lifts gradients again mid-step: the gathered ones must stay.
+    net, opt = _build("loft_adamw", "single", None, schedule="sequential")
+    train(net, opt, range(STEPS), micro_batches=world)
+    reference = full_params(net)
+    net, opt = _build("loft_adamw", "fsdp2", None, schedule="sequential")
+    train(net, opt, range(STEPS), rank, world)
+    out["sequential"] = max_diff(full_params(net), reference)
     out["nonfinite"] = _nonfinite(rank, world)
     return out
 
@@ -130,6 +138,11 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             # Transactional: one working set per step, every owned pair whole at once.
             assert len(whole["seen"]) == STEPS
             assert all(held == whole["owned"] for _, held in whole["seen"])
+
+
+def test_the_sequential_schedule_steps_bucket_by_bucket_too(results):
+    for result in results:
+        assert result["sequential"] == 0, result["sequential"]
 
 
 def test_a_nan_on_one_rank_skips_or_raises_every_bucketed_rank_together(results):
