@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from dist_utils import BASES as ALL_BASES
 from dist_utils import Net, full_params, local_batch, max_diff, spawn, train
 from torch import nn
@@ -83,8 +84,27 @@ def _worker(rank: int, world: int) -> dict:
     net, opt = _build("loft_adamw", "fsdp2", None, schedule="sequential")
     train(net, opt, range(STEPS), rank, world)
     out["sequential"] = max_diff(full_params(net), reference)
+    out["others only"] = _others_only(rank, world)
     out["nonfinite"] = _nonfinite(rank, world)
     return out
+
+
+def _others_only(rank: int, world: int) -> tuple[bool, bool]:
+    """A step where no LoRA factor has a gradient: no bucket of pairs, the bias still moves."""
+    net, opt = _build("loft_adamw", "fsdp2")
+    train(net, opt, range(1), rank, world)
+    before = full_params(net)
+    opt.zero_grad()
+    x, y = local_batch(1, rank, world)
+    nn.functional.mse_loss(net(x), y).backward()
+    for pair in opt.pairs:
+        pair.a.grad = pair.b.grad = None
+    opt.step()
+    after = full_params(net)
+    trained = {name.removeprefix("module.") for name, p in net.named_parameters() if p.requires_grad}
+    others_moved = all(not torch.equal(after[k], before[k]) for k in trained if "lora" not in k)
+    factors_kept = all(torch.equal(after[k], before[k]) for k in trained if "lora" in k)
+    return others_moved, factors_kept
 
 
 def _nonfinite(rank: int, world: int) -> dict[str, Any]:
@@ -143,6 +163,11 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
 def test_the_sequential_schedule_steps_bucket_by_bucket_too(results):
     for result in results:
         assert result["sequential"] == 0, result["sequential"]
+
+
+def test_a_step_without_factor_gradients_moves_the_other_parameters(results):
+    for result in results:
+        assert result["others only"] == (True, True)
 
 
 def test_a_nan_on_one_rank_skips_or_raises_every_bucketed_rank_together(results):
