@@ -86,3 +86,22 @@ def test_the_recorder_sees_full_size_tensors_when_there_are_some():
     opt = lo.LowRankWrapper(base, [pair], rule_options={"block_elements": M * N})
     recorder = _record_steps(pair, opt)
     assert any(shape[-2:] in ((M, N), (N, M)) for _, shape in recorder.allocations)
+
+
+@pytest.mark.parametrize("second_moment", ["exact", "diagonal"])
+def test_full_space_blocks_stay_within_the_transient_budget(second_moment):
+    """LoFT-AdamW's full-space evaluation runs in column blocks of at most
+    ``transient_elements`` of the factors it serves: for a 512 x 512 pair at r = 4 that is the
+    CPU floor, 2^16 elements, a quarter of ``m n``; the calibration's unpacked blocks too."""
+    m = n = 512
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(R, n, generator=gen) / n**0.5)
+    b = torch.nn.Parameter(torch.randn(m, R, generator=gen) / R**0.5)
+    pair = lo.LoRAPair(a, b, 2.0)
+    opt = lo.LowRankWrapper(
+        torch.optim.AdamW([a, b], lr=1e-3), [pair], rule_options={"second_moment": second_moment}, schedule="both"
+    )
+    budget = lo.linalg.transient_elements(R * (m + n), torch.device("cpu"))
+    assert budget == 2**16 < m * n
+    recorder = _record_steps(pair, opt)
+    assert recorder.largest() <= budget, sorted(recorder.allocations, key=lambda e: -torch.Size(e[1]).numel())[:3]
