@@ -1,4 +1,5 @@
-"""LoFT-Adafactor and LoFT-Muon never allocate an (m, n) tensor on their fast paths.
+"""LoFT-Adafactor and LoFT-Muon never allocate an (m, n) tensor on their fast paths, and
+LoFT-AdamW's full-space blocks stay within the transient budget of the factors they serve.
 
 A dispatch mode records the shape of every tensor an optimizer step creates (outputs that share
 no storage with an input: views and in-place results are not allocations). The pair has a base
