@@ -64,6 +64,7 @@ __all__ = [
     "clip_coefficient",
     "run_step",
     "label",
+    "balancing_due",
 ]
 
 State = MutableMapping[Tensor, dict[str, Any]]
@@ -118,6 +119,7 @@ class Group:
     active: tuple[Side, ...]
     steps: Tensor  # (G,) the step each member is taking, compute dtype, on the device
     first_step: int  # steps[0], on the host
+    balancing: list[bool]  # per member, on the host: whether it is re-balanced after this step
     param_groups: dict[Side, Mapping[str, Any]]
     views: dict[Side, FactorView]
     g_hat: dict[Side, Tensor] = field(default_factory=dict)
@@ -202,6 +204,7 @@ def form_groups(
             active=key[0],
             steps=torch.tensor([s for _, s in members], dtype=cd, device=a.device),
             first_step=members[0][1],
+            balancing=[config.balance and balancing_due(step) for _, step in members],
             param_groups={"a": param_group_of[chosen[0].a], "b": param_group_of[chosen[0].b]},
             views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
         )
@@ -485,15 +488,17 @@ def _record_move(group: Group, side: Side, old: Tensor, store: GroupStore, new: 
     return transport(gram_new, torch.bmm(new, old.mT))  # (r, l) @ (l, r)
 
 
-def _balancing_step(group: Group, config: StepConfig) -> bool:
-    """Balance at steps 1, 2, 4, 8, 16 and then every 16th of the group's first member: often while
-    the factors' norms change fast from a peft start, rarely after (each balancing costs a few kernels)."""
-    step = group.first_step
-    return config.balance and ((step & (step - 1) == 0 and step <= 16) or step % 16 == 0)
+def balancing_due(step: int) -> bool:
+    """Whether a pair taking its ``step``-th step is re-balanced after it: at steps 1, 2, 4, 8, 16
+    and then every 16th, often while the factors' norms change fast from a peft start, rarely
+    after (each balancing costs a few kernels). Decided per pair from its own counter, so every
+    rank knows which factors a step moved without knowing how the owner grouped them."""
+    return (step & (step - 1) == 0 and step <= 16) or step % 16 == 0
 
 
 def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Tensor]], config: StepConfig) -> None:
-    """Re-balance every member as ``(c B, A / c)``: ``s B A`` is unchanged (docs/math.md section 11).
+    """Re-balance every member due (``group.balancing``) as ``(c B, A / c)``: ``s B A`` is unchanged
+    (docs/math.md section 11); the others keep ``c = 1``, an exact no-op.
 
     ``c = 2^round(log2(||A|| / ||B||) / 2)`` brings ``||A|| / ||B||`` within a factor 2 of 1, so
     neither factor drifts large while the other shrinks. A power of two scales exactly in binary
@@ -505,7 +510,8 @@ def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Ten
     b = torch.stack([pair.matrix_b(pair.b) for pair in group.pairs])
     norm_a, norm_b = (x.flatten(1).norm(dim=1).double() for x in (a, b))
     log_ratio = torch.log2(norm_a / norm_b).mul_(0.5).round_()
-    c = torch.where((norm_a > 0) & (norm_b > 0), torch.exp2(log_ratio), torch.ones_like(log_ratio))
+    due = torch.tensor(group.balancing, device=norm_a.device)
+    c = torch.where(due & (norm_a > 0) & (norm_b > 0), torch.exp2(log_ratio), torch.ones_like(log_ratio))
     factor: dict[Side, Tensor] = {"a": 1 / c, "b": c}
     for side, values in zip(SIDES, (a, b)):
         f = factor[side].to(values.dtype)[:, None, None]
@@ -572,7 +578,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
             t = _move(group, side, delta, store)
             partner = other_side(side)
             rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
-        if _balancing_step(group, config):
+        if any(group.balancing):
             _balance(group, store, stats, config)
         return
     for side in SIDES:
@@ -582,7 +588,7 @@ def step_group(group: Group, store: GroupStore, config: StepConfig) -> None:
         t = _move(group, side, deltas[side], store)
         partner = other_side(side)
         rule.calibrate(stats[partner], t, group.views[partner], ctx[partner])
-    if _balancing_step(group, config):
+    if any(group.balancing):
         _balance(group, store, stats, config)
 
 
@@ -671,7 +677,7 @@ def step_delegated(
             partner = other_side(side)
             partner_params = group.params(partner)
             config.rule.calibrate(_base_statistics(store, partner_params), t, group.views[partner], ctx[partner])
-        if _balancing_step(group, config):
+        if any(group.balancing):
             _balance(group, store, {side: _base_statistics(store, group.params(side)) for side in SIDES}, config)
 
 

@@ -31,6 +31,7 @@ from .engine import (
     Snapshot,
     StepConfig,
     attach_base_products,
+    balancing_due,
     base_products_due,
     check_inputs,
     clip_coefficient,
@@ -451,11 +452,11 @@ class LowRankWrapper(Optimizer):
     def _advance(self, work: Materialised, done: dict[int, int]) -> None:
         """Count the step on every stepping pair and give every rank the factors that moved."""
         stepping = list(done)
-        # Balancing rescales both factors of every stepped pair, so both travel.
+        # A pair re-balanced after this step (its step steps + 1) moved both factors, so both travel.
         moved = [
             (i, side)
             for i, steps in done.items()
-            for side in (SIDES if self.config.balance else self.schedule.active(steps))
+            for side in (SIDES if self.config.balance and balancing_due(steps + 1) else self.schedule.active(steps))
         ]
         if stepping:
             counters = [work.state[f][STEP_KEY] for i in stepping for f in (work.pairs[i].a, work.pairs[i].b)]

@@ -317,3 +317,34 @@ def test_pair_grad_norms_add_up_to_the_clipping_norm():
     assert len(norms) == 2 and all(n is not None and n > 0 for n in norms)
     total = opt.clip_grad_norm_(float("inf"))
     assert torch.allclose(torch.stack(norms).square().sum().sqrt().double(), total, rtol=1e-6)
+
+
+class _RecordingStrategy(lo.distributed.Replicated):
+    """The replicated mode, recording which factors each step says moved."""
+
+    def __init__(self) -> None:
+        super().__init__(local=True)
+        self.published: list[int] = []
+
+    def publish(self, moved):  # type: ignore[no-untyped-def]
+        self.published.append(len(moved))
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_only_the_factors_that_moved_travel(balance):
+    """Both factors of a pair travel at its re-balancing steps (1, 2, 4, 8, 16, then every 16th),
+    only the active one at the others: what a sharded mode broadcasts or scatters."""
+    pair = make_pair(6, 5, 2, seed=3)
+    strategy = _RecordingStrategy()
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2), [pair], distributed=strategy, balance=balance)
+    target = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    loss = quadratic_loss(target)
+    for _ in range(33):
+        opt.zero_grad()
+        loss(full_weight(pair)).backward()
+        opt.step()
+    both = {1, 2, 4, 8, 16, 32} if balance else set()
+    assert strategy.published == [2 if step in both else 1 for step in range(1, 34)]
+    assert [lo.engine.balancing_due(step) for step in range(1, 34)] == [
+        step in {1, 2, 4, 8, 16, 32} for step in range(1, 34)
+    ]
