@@ -57,6 +57,7 @@ from .strategy import (
     agree_flags,
     check_ranks_agree,
     comm_device,
+    fill_buckets,
     owner_state_dict_hooks,
 )
 
@@ -160,22 +161,16 @@ class FSDP2(DistributedStrategy):
         """Each rank's owned stepping pairs, in order, cut where their whole tensors (factors,
         gradients, and base weights for a rule that reads them) would pass ``bucket_bytes``; bucket
         ``k`` holds every rank's ``k``-th piece, so that all ranks compute at once."""
-        pieces: dict[int, list[list[int]]] = {}
-        filled: dict[int, int] = {}
-        for i in stepping:
-            owner = self.owners[i]
-            nbytes = sum(
-                t.numel() * t.element_size()
-                for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases))
-            )
-            chunks = pieces.setdefault(owner, [[]])
-            if chunks[-1] and filled[owner] + nbytes > self.bucket_bytes:
-                chunks.append([])
-                filled[owner] = 0
-            chunks[-1].append(i)
-            filled[owner] = filled.get(owner, 0) + nbytes
-        count = max((len(chunks) for chunks in pieces.values()), default=0)
-        return [sorted(i for chunks in pieces.values() if k < len(chunks) for i in chunks[k]) for k in range(count)]
+
+        def nbytes(i: int) -> int:
+            return sum(t.nbytes for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases)))
+
+        pieces = [
+            fill_buckets([i for i in stepping if self.owners[i] == owner], nbytes, self.bucket_bytes)
+            for owner in range(self.shards)
+        ]
+        count = max((len(chunks) for chunks in pieces), default=0)
+        return [sorted(i for chunks in pieces if k < len(chunks) for i in chunks[k]) for k in range(count)]
 
     def bucketed(
         self, pairs: Sequence[LoRAPair], state: State, with_bases: bool, buckets: Sequence[Sequence[int]]
@@ -294,24 +289,15 @@ class FSDP2(DistributedStrategy):
         # Reduced to each owner in turn, in chunks of at most one pair or bucket_bytes of float64
         # partials: a rank holds the partials of one owner's pairs at a time, not of every pair.
         for owner in range(self.shards):
-            chunks: list[list[int]] = [[]]
-            filled = 0
-            for i in (i for i in sharded if self.owners[i] == owner):
-                size = 1 + work.pairs[i].rank * _base_cols(work.pairs[i])
-                if chunks[-1] and 8 * (filled + size) > self.bucket_bytes:
-                    chunks.append([])
-                    filled = 0
-                chunks[-1].append(i)
-                filled += size
-            for chunk in chunks:
-                if chunk:
-                    products.update(self._reduced_base_products(work, chunk, owner))
+            owned = [i for i in sharded if self.owners[i] == owner]
+            for chunk in fill_buckets(owned, lambda i: 8 * _partial_size(work.pairs[i]), self.bucket_bytes):
+                products.update(self._reduced_base_products(work, chunk, owner))
         return products
 
     def _reduced_base_products(self, work: Materialised, indices: Sequence[int], owner: int) -> dict[int, Tensor]:
         """The base products of the pairs ``indices`` (DTensor bases, all owned by ``owner``) with one
         reduce to the owner; empty on the other ranks."""
-        sizes = [1 + work.pairs[i].rank * _base_cols(work.pairs[i]) for i in indices]
+        sizes = [_partial_size(work.pairs[i]) for i in indices]
         flat = torch.empty(sum(sizes), dtype=torch.float64, device=comm_device(self._shard_group))
         for i, part in zip(indices, flat.split(sizes)):  # each pair's partial straight into its piece
             pair = work.pairs[i]
@@ -381,19 +367,6 @@ class FSDP2(DistributedStrategy):
         rows = t.shape[0]
         return -(-rows // self.shards) * (t.numel() // max(rows, 1))
 
-    def _buckets(self, items: Sequence[tuple[int, Tensor]]) -> list[list[tuple[int, Tensor]]]:
-        """``(owner, tensor)`` items in order, cut where the whole tensors exceed ``bucket_bytes``."""
-        buckets: list[list[tuple[int, Tensor]]] = [[]]
-        filled = 0
-        for item in items:
-            nbytes = item[1].numel() * item[1].element_size()
-            if buckets[-1] and filled + nbytes > self.bucket_bytes:
-                buckets.append([])
-                filled = 0
-            buckets[-1].append(item)
-            filled += nbytes
-        return buckets
-
     def _start_gather(self, items: Sequence[tuple[int, Tensor]]) -> _Gathering:
         """Issue, without waiting, the gathers of whole copies of DTensors ``(owner, dtensor)`` on
         their owners: one ``gather`` per owner and dtype in each bucket. A tensor of at least
@@ -402,10 +375,10 @@ class FSDP2(DistributedStrategy):
         no second copy of a large base weight."""
         device = comm_device(self._shard_group)
         calls: list[tuple[int, list[Tensor]]] = []
-        for bucket in self._buckets(items):
+        for bucket in fill_buckets(items, lambda item: item[1].nbytes, self.bucket_bytes):
             by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
             for owner, t in bucket:
-                if t.numel() * t.element_size() >= ALONE_BYTES:
+                if t.nbytes >= ALONE_BYTES:
                     calls.append((owner, [t]))
                 else:
                     by_key.setdefault((owner, t.dtype), []).append(t)
@@ -448,7 +421,7 @@ class FSDP2(DistributedStrategy):
         device = comm_device(self._shard_group)
         indexed = [(owner, original) for owner, original, _ in sends]
         position = {id(original): k for k, (_, original) in enumerate(indexed)}
-        for bucket in self._buckets(indexed):
+        for bucket in fill_buckets(indexed, lambda item: item[1].nbytes, self.bucket_bytes):
             calls: dict[tuple[int, torch.dtype], list[tuple[int, bool]]] = {}  # -> (send index, is the Gram)
             for owner, original in bucket:
                 k = position[id(original)]
@@ -516,10 +489,11 @@ class _Gathering:
         return out
 
 
-def _base_cols(pair: LoRAPair) -> int:
-    """Columns of the base weight as stored (``n``, or ``m`` for ``W0^T``)."""
+def _partial_size(pair: LoRAPair) -> int:
+    """Float64 numbers of a pair's base-product partial: ``||W0_rows||^2`` and ``R_rows^T W0_rows``
+    (r, columns of ``W0`` as stored: ``n``, or ``m`` for ``W0^T``)."""
     m, n = pair.full_shape
-    return m if pair.base_transposed else n
+    return 1 + pair.rank * (m if pair.base_transposed else n)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from ..linalg import compute_dtype
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule, Context, Switches
 from ..views import build_view
-from .strategy import DistributedStrategy, agree_flags, check_ranks_agree, owner_state_dict_hooks
+from .strategy import DistributedStrategy, agree_flags, check_ranks_agree, fill_buckets, owner_state_dict_hooks
 
 __all__ = ["PairSharded", "assign_pairs", "pair_costs"]
 
@@ -150,19 +150,11 @@ class PairSharded(DistributedStrategy):
 
     def publish(self, moved: Sequence[tuple[int, Tensor]]) -> None:
         """Broadcast every moved factor from its owner, bucketed by owner and dtype."""
-        buckets: dict[tuple[int, torch.dtype], list[list[Tensor]]] = {}
-        filled: dict[tuple[int, torch.dtype], int] = {}
+        by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
         for index, factor in moved:
-            key = (self.owners[index], factor.dtype)
-            nbytes = factor.numel() * factor.element_size()
-            chunks = buckets.setdefault(key, [[]])
-            if chunks[-1] and filled[key] + nbytes > self.bucket_bytes:
-                chunks.append([])
-                filled[key] = 0
-            chunks[-1].append(factor)
-            filled[key] = filled.get(key, 0) + nbytes
-        for (owner, _), chunks in buckets.items():
-            for tensors in chunks:
+            by_key.setdefault((self.owners[index], factor.dtype), []).append(factor)
+        for (owner, _), factors in by_key.items():
+            for tensors in fill_buckets(factors, lambda t: t.nbytes, self.bucket_bytes):
                 _broadcast_bucket(tensors, owner, owner == self.rank, self.group)
 
 

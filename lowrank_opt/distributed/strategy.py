@@ -30,10 +30,10 @@ every rank holds the same gradients and computes the same step.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Generator, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,8 @@ from ..layout import BASIS_GRAM_KEY, SKETCH_KEY, WRAPPER_KEYS, basis_gram, basis
 from ..pairs import LoRAPair
 from ..rule import CalibrationRule
 
+T = TypeVar("T")
+
 __all__ = [
     "DistributedStrategy",
     "Materialised",
@@ -51,6 +53,7 @@ __all__ = [
     "agree_flags",
     "check_ranks_agree",
     "comm_device",
+    "fill_buckets",
     "owner_state_dict_hooks",
     "refuse_unsupported_wrappers",
     "state_bytes",
@@ -221,6 +224,21 @@ class Replicated(DistributedStrategy):
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         flags = finite_flags(grads)
         return agree_flags(flags, self.process_group) if self._agreeing else flags
+
+
+def fill_buckets(items: Sequence[T], nbytes: Callable[[T], int], limit: int) -> list[list[T]]:
+    """``items`` in order, cut into consecutive buckets of at most ``limit`` bytes (``nbytes`` of
+    each item); an item larger than ``limit`` makes a bucket of its own. No items, no buckets."""
+    buckets: list[list[T]] = []
+    filled = 0
+    for item in items:
+        size = nbytes(item)
+        if not buckets or (buckets[-1] and filled + size > limit):
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(item)
+        filled += size
+    return buckets
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

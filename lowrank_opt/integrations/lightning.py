@@ -14,6 +14,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from ..wrapper import LowRankWrapper
+from . import adopt_clip_threshold
 
 __all__ = ["FullSpaceClipping"]
 
@@ -45,10 +46,4 @@ class FullSpaceClipping:
             raise ValueError(
                 f"gradient_clip_algorithm={algorithm!r} clips raw factor gradients; use 'norm' with a LowRankWrapper"
             )
-        if optimizer.max_grad_norm is None:
-            optimizer.max_grad_norm = float(gradient_clip_val)
-        elif optimizer.max_grad_norm != gradient_clip_val:
-            raise ValueError(
-                f"the wrapper clips at max_grad_norm={optimizer.max_grad_norm!r} but gradient_clip_val is "
-                f"{gradient_clip_val!r}: use one threshold"
-            )
+        adopt_clip_threshold(optimizer, gradient_clip_val, "gradient_clip_val")

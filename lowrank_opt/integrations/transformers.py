@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from transformers import Trainer
 
 from ..wrapper import LowRankWrapper
+from . import adopt_clip_threshold
 from .accelerate import full_space_clipping, unwrap_optimizer
 
 __all__ = ["LowRankTrainer"]
@@ -53,13 +54,7 @@ class LowRankTrainer(Trainer):
         wrapper = unwrap_optimizer(optimizer)
         max_norm = self.args.max_grad_norm
         if max_norm is not None and max_norm > 0:
-            if wrapper.max_grad_norm is None:
-                wrapper.max_grad_norm = float(max_norm)
-            elif wrapper.max_grad_norm != max_norm:
-                raise ValueError(
-                    f"the wrapper clips at max_grad_norm={wrapper.max_grad_norm!r} but TrainingArguments.max_grad_norm "
-                    f"is {max_norm!r}: use one threshold"
-                )
+            adopt_clip_threshold(wrapper, max_norm, "TrainingArguments.max_grad_norm")
         self.optimizer = optimizer
         full_space_clipping(self.accelerator, optimizer)
         return optimizer
