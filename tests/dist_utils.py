@@ -126,6 +126,14 @@ def full_params(net: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def identical_on_every_rank(params: dict[str, Tensor]) -> bool:
+    """Whether every rank holds bit-identical ``params`` (one all-gather of them, flattened)."""
+    flat = torch.cat([p.flatten() for p in params.values()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     if a.keys() != b.keys():
         raise ValueError(f"parameter names differ: {sorted(a.keys() ^ b.keys())}")

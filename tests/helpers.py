@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 
 import lowrank_opt as lo
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def compare_module() -> ModuleType:
+    """``examples/compare.py`` as the module ``compare``, loaded once for every test file (its
+    dataclasses resolve annotations through ``sys.modules``; it puts ``examples/`` on the path)."""
+    if "compare" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("compare", EXAMPLES / "compare.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["compare"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["compare"]
 
 
 def make_pair(

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES, compare_module
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-_spec = importlib.util.spec_from_file_location("compare", EXAMPLES / "compare.py")
-compare = importlib.util.module_from_spec(_spec)
-sys.modules["compare"] = compare  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(compare)
+compare = compare_module()
 
 ADAMW = "{class_path: torch.optim.AdamW, init_args: {betas: [0.9, 0.999], eps: 1.0e-4, weight_decay: 0.0}}"
 

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import compare_module
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-if "compare" in sys.modules:
-    compare = sys.modules["compare"]
-else:
-    _spec = importlib.util.spec_from_file_location("compare", EXAMPLES / "compare.py")
-    compare = importlib.util.module_from_spec(_spec)
-    sys.modules["compare"] = compare  # dataclasses resolve annotations through sys.modules
-    _spec.loader.exec_module(compare)
+compare = compare_module()
 
 
 class Terminal(io.StringIO):

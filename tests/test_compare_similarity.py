@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compare_module
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-if "compare" in sys.modules:
-    compare = sys.modules["compare"]
-else:
-    _spec = importlib.util.spec_from_file_location("compare", EXAMPLES / "compare.py")
-    compare = importlib.util.module_from_spec(_spec)
-    sys.modules["compare"] = compare  # dataclasses resolve annotations through sys.modules
-    _spec.loader.exec_module(compare)
+compare = compare_module()
 
 from tasks import ConfigError, MatrixFactorization  # noqa: E402  (compare.py put examples/ on the path)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dist_utils import batch, build, full_params, max_diff, rules, spawn, train
+from dist_utils import batch, build, full_params, identical_on_every_rank, max_diff, rules, spawn, train
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -52,10 +52,7 @@ def _modes_worker(rank: int, world: int, names: list[str]) -> dict:
             train(net, opt, range(STEPS), rank, world)
             params = full_params(net)
             out["diff"][name, mode] = max_diff(params, reference)
-            flat = torch.cat([p.flatten() for p in params.values()])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            out["identical"][name, mode] = all(torch.equal(g, gathered[0]) for g in gathered)
+            out["identical"][name, mode] = identical_on_every_rank(params)
             out["state_bytes"][name, mode] = lo.distributed.state_bytes(opt)
             out["statistics_bytes"][name, mode] = _statistics_bytes(opt)
     return out

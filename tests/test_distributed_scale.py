@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_utils import BASES, Net, full_params, local_batch, max_diff, rules, spawn
+from dist_utils import BASES, Net, full_params, identical_on_every_rank, local_batch, max_diff, rules, spawn
 from torch import nn
 
 import lowrank_opt as lo
@@ -77,10 +76,7 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
             _train(net, opt, [rank])
             params = full_params(net)
             out["diff"][name, mode] = max_diff(params, reference)
-            flat = torch.cat([p.flatten() for p in params.values()])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            out["identical"][name, mode] = all(torch.equal(g, gathered[0]) for g in gathered)
+            out["identical"][name, mode] = identical_on_every_rank(params)
             out["statistics"][name, mode] = _statistics_bytes(opt)
     return out
 
