@@ -21,7 +21,6 @@ from .advice import advise
 from .distributed import (
     DistributedStrategy,
     Materialised,
-    Replicated,
     default_strategy,
     refuse_unsupported_wrappers,
 )
@@ -233,7 +232,7 @@ class LowRankWrapper(Optimizer):
         params = param_group["params"]
         added = [params] if isinstance(params, Tensor) else list(params)
         fresh = [] if self._model is None else new_pairs_among(self._model, added, self._factors, self._unsupported)
-        if fresh and type(self.distributed) is not Replicated:
+        if fresh and not self.distributed.replicated:
             raise ValueError(
                 f"{self.distributed!r} assigned its work when the wrapper was built; new LoRA pairs "
                 f"({', '.join(p.name for p in fresh)}) need a new wrapper"
@@ -398,7 +397,7 @@ class LowRankWrapper(Optimizer):
                 due = base_products_due(done, self.rule.base_products_every)
                 products = self.distributed.base_products(work, due) if due else {}
                 groups = self._groups(work, done)
-                if type(self.distributed) is Replicated:  # every rank holds every factor: sketches are cheap
+                if self.distributed.replicated:  # every rank holds every factor: sketches are cheap
                     ensure_sketches(work.pairs, work.state)
                 store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
                 bad = check_inputs(groups, unchecked, store, self.config)

@@ -85,6 +85,7 @@ class FSDP2(DistributedStrategy):
     mesh (HSDP). Uneven and empty shards (``r < world_size``) follow DTensor's chunking.
     """
 
+    replicated = False  # each pair is owned by one rank, assigned at construction
     restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
 
     def __init__(self, bucket_bytes: int = 25 * 2**20, *, full_state_dict: bool = False) -> None:

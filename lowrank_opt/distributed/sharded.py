@@ -101,6 +101,7 @@ class PairSharded(DistributedStrategy):
     all-reduce of a float64 scalar.
     """
 
+    replicated = False  # each pair is owned by one rank, assigned at construction
     restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
 
     def __init__(

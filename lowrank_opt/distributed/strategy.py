@@ -83,11 +83,15 @@ class DistributedStrategy:
     """Base class of the strategies; on its own it is the replicated mode.
 
     Attributes:
+        replicated: every rank holds every pair whole and steps it, so the wrapper keeps in-memory
+            sketches of the factors (cheap here) and lets new pairs join (``add_param_group``);
+            a strategy that assigned its work at construction cannot take them.
         restorable: a rank that raises inside its step can restore what it changed and leave its
             peers able to go on: nothing after that point waits for it in a collective. The
             wrapper's ``transactional=None`` follows it.
     """
 
+    replicated: bool = True
     restorable: bool = True
 
     def setup(
