@@ -164,7 +164,7 @@ class FSDP2(DistributedStrategy):
         ``k`` holds every rank's ``k``-th piece, so that all ranks compute at once."""
 
         def nbytes(i: int) -> int:
-            return sum(t.nbytes for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases)))
+            return sum(t.nbytes for t in self._pair_tensors(pairs[i], with_bases))
 
         pieces = [
             fill_buckets([i for i in stepping if self.owners[i] == owner], nbytes, self.bucket_bytes)
@@ -194,15 +194,7 @@ class FSDP2(DistributedStrategy):
 
     def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
         """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole."""
-        return [
-            (self.owners[i], t)
-            for i in indices
-            for t in self._pair_tensors(pairs[i], self._with_base(pairs[i], with_bases))
-        ]
-
-    @staticmethod
-    def _with_base(pair: LoRAPair, with_bases: bool) -> bool:
-        return with_bases and pair.base_weight is not None
+        return [(self.owners[i], t) for i in indices for t in self._pair_tensors(pairs[i], with_bases)]
 
     @contextmanager
     def _working_set(
@@ -348,6 +340,8 @@ class FSDP2(DistributedStrategy):
     # ---------------------------------------------------------------- moving rows
     @staticmethod
     def _pair_tensors(pair: LoRAPair, with_base: bool) -> list[Tensor]:
+        """The pair's sharded tensors a step needs whole: factors, gradients, and (``with_base``)
+        the base weight, where it has one."""
         tensors = [pair.a, pair.b, pair.a.grad, pair.b.grad]
         if with_base:
             tensors.append(pair.base_weight)
