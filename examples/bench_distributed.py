@@ -12,7 +12,7 @@ runs with its default bucket (25 MiB: every pair a rank owns in one bucket, here
 * ``total``: state plus in-step peak, the optimizer's share of the rank's memory;
 * ``sent`` and ``collectives``: bytes this rank passes to ``torch.distributed`` collectives
   during ``step()`` (all-reduce, reduce and broadcast: the tensor; all-gather and gather: its
-  input; scatter: the piece it receives), and their number. DDP's and FSDP's own gradient
+  input; scatter: the piece it receives; all-to-all: its input), and their number. DDP's and FSDP's own gradient
   reductions happen in ``backward()`` and are not counted;
 * ``ms/step``: the median of ``--steps`` timed steps (2 CPU threads shared by all ranks, so
   compare modes within one world size).
@@ -83,6 +83,7 @@ class CommCounter:
         "all_gather": lambda a, k: _nbytes(a[1]),
         "gather": lambda a, k: _nbytes(a[0]),
         "scatter": lambda a, k: _nbytes(a[0]),
+        "all_to_all_single": lambda a, k: _nbytes(a[1]),
         "all_gather_object": lambda a, k: 0,
     }
 

@@ -10,8 +10,9 @@ One step, as data:
 
 1. the schedule says which factor of each pair moves (from the pair's step counter);
 2. pairs are grouped; views of both factors are built, each Gram factored once;
-3. gradients become coefficient gradients ``g_hat``; one host sync checks that every gradient
-   is finite and that no factor changed outside the optimizer;
+3. one host sync checks that every gradient is finite, that no factor changed outside the
+   optimizer and which bases need the minimum-norm inverse; gradients then become coefficient
+   gradients ``g_hat``, each lifted once;
 4. the clip coefficient is computed from full-space norms and applied;
 5. the rule observes ``g_hat`` on both factors and returns the step of the active one;
 6. decay and the move are applied, and the partner's statistics are calibrated with
@@ -26,7 +27,7 @@ strategies decide what that is.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,9 +59,11 @@ __all__ = [
     "GroupStore",
     "steps_done",
     "form_groups",
+    "stacked",
     "base_products_due",
     "attach_base_products",
     "check_inputs",
+    "lift_gradients",
     "clip_coefficient",
     "run_step",
     "label",
@@ -175,7 +178,10 @@ def form_groups(
     config: StepConfig,
     state: State,
 ) -> list[Group]:
-    """Group the pairs of ``done`` (pair index -> steps taken) and build their views and ``g_hat``."""
+    """Group the pairs of ``done`` (pair index -> steps taken) and build their views.
+
+    The coefficient gradients come later (:func:`lift_gradients`), once :func:`check_inputs` has
+    chosen each side's inverse: each gradient is lifted once, and a caller may free it right after."""
     buckets: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
     for i, steps in done.items():
         pair = pairs[i]
@@ -193,8 +199,9 @@ def form_groups(
     groups = []
     for key, members in buckets.items():
         chosen = [pairs[i] for i, _ in members]
-        a = torch.stack([pair.matrix_a(pair.a) for pair in chosen])  # (G, r, n)
-        b = torch.stack([pair.matrix_b(pair.b) for pair in chosen])  # (G, m, r)
+        # The moving factor is copied (the move needs its old value); the one that stays is read in place.
+        a = (torch.stack if "a" in key[0] else stacked)([pair.matrix_a(pair.a) for pair in chosen])  # (G, r, n)
+        b = (torch.stack if "b" in key[0] else stacked)([pair.matrix_b(pair.b) for pair in chosen])  # (G, m, r)
         cd = compute_dtype(a.dtype)
         a, b = a.to(cd), b.to(cd)
         scale = torch.tensor([pair.scale for pair in chosen], dtype=cd, device=a.device)[:, None, None]
@@ -209,11 +216,30 @@ def form_groups(
             views={side: build_view(side, chosen, a, b, scale) for side in SIDES},
         )
         for side in SIDES:
-            _lift_gradients(group, side, config)
             group.deficient[side] = needs_pseudo_inverse(group.views[side].gram, group.views[side].inverse)
             _age(group, side, state)
         groups.append(group)
     return groups
+
+
+def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` for a step that only reads it: a view when the tensors already
+    lie evenly spaced in one storage (one tensor; a strategy's gathered copies), else a copy."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.unsqueeze(0)
+    gap = tensors[1].storage_offset() - first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    if gap >= first.numel() and first.is_contiguous():
+        if all(
+            t.untyped_storage().data_ptr() == storage
+            and t.shape == first.shape
+            and t.stride() == first.stride()
+            and t.storage_offset() == first.storage_offset() + k * gap
+            for k, t in enumerate(tensors)
+        ):
+            return first.as_strided((len(tensors), *first.shape), (gap, *first.stride()), first.storage_offset())
+    return torch.stack(list(tensors))
 
 
 def _age(group: Group, side: Side, state: State) -> None:
@@ -231,12 +257,24 @@ def _lift_gradients(group: Group, side: Side, config: StepConfig) -> None:
     group.g_hat[side] = view.rescale(grad) if config.switches.rescale_grad else view.canonical(grad).to(view.gram.dtype)
 
 
-def _resolve_rank(group: Group, side: Side, config: StepConfig) -> None:
+def lift_gradients(
+    groups: Sequence[Group], config: StepConfig, release: Callable[[list[Tensor]], None] | None = None
+) -> None:
+    """Step 3's ``g_hat`` of both factors of every group, after :func:`check_inputs`; ``release``
+    is handed each group's factors as soon as their gradients are lifted (a strategy frees its
+    copies of them there)."""
+    for group in groups:
+        for side in SIDES:
+            _lift_gradients(group, side, config)
+        if release is not None:
+            release([p for side in SIDES for p in group.params(side)])
+
+
+def _resolve_rank(group: Group, side: Side) -> None:
     """Give factor ``side`` the minimum-norm inverse of its Grams (some member's basis may be
-    numerically rank-deficient) and lift its gradients again."""
+    numerically rank-deficient)."""
     view = group.views[side]
     group.views[side] = replace(view, inverse=pseudo_inverse(view.gram))
-    _lift_gradients(group, side, config)
 
 
 class GroupStore:
@@ -334,7 +372,7 @@ def check_inputs(groups: Sequence[Group], grad_flags: Tensor, store: GroupStore,
                 if not host[position + member]:
                     _reset_after_outside_change(group, member, side, store.state, config.rule)
             if not all(host[position + size : position + 2 * size]):
-                _resolve_rank(group, side, config)
+                _resolve_rank(group, side)
             position += 2 * size
     return []
 
@@ -506,19 +544,18 @@ def _balance(group: Group, store: GroupStore, stats: Mapping[Side, dict[str, Ten
     statistics re-based by ``T = c I`` (:meth:`~lowrank_opt.CalibrationRule.rescale`): balancing
     changes no rounding of ``s B A``. A member with a zero factor keeps ``c = 1``.
     """
-    a = torch.stack([pair.matrix_a(pair.a) for pair in group.pairs])
-    b = torch.stack([pair.matrix_b(pair.b) for pair in group.pairs])
-    norm_a, norm_b = (x.flatten(1).norm(dim=1).double() for x in (a, b))
+    matrices = {
+        side: [factor_matrix(pair, side, p) for pair, p in zip(group.pairs, group.params(side))] for side in SIDES
+    }
+    norm_a, norm_b = (torch.stack(torch._foreach_norm(matrices[side])).double() for side in SIDES)
     log_ratio = torch.log2(norm_a / norm_b).mul_(0.5).round_()
     due = torch.tensor(group.balancing, device=norm_a.device)
     c = torch.where(due & (norm_a > 0) & (norm_b > 0), torch.exp2(log_ratio), torch.ones_like(log_ratio))
     factor: dict[Side, Tensor] = {"a": 1 / c, "b": c}
-    for side, values in zip(SIDES, (a, b)):
-        f = factor[side].to(values.dtype)[:, None, None]
+    for side in SIDES:
         params = group.params(side)
-        torch._foreach_copy_(
-            [factor_matrix(pair, side, p) for pair, p in zip(group.pairs, params)], list((values * f).unbind(0))
-        )
+        # In place, member by member: no stacked copy of the factors.
+        torch._foreach_mul_(matrices[side], list(factor[side].to(params[0].dtype).unbind(0)))
         gram = store.stacked(params, BASIS_GRAM_KEY)
         gram.mul_(factor[side].to(gram.dtype)[:, None, None].square())
         if SKETCH_KEY in store.state[params[0]]:

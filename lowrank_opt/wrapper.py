@@ -36,6 +36,7 @@ from .engine import (
     clip_coefficient,
     describe_gradients,
     form_groups,
+    lift_gradients,
     pair_sq_norms,
     run_step,
     scale_,
@@ -339,6 +340,7 @@ class LowRankWrapper(Optimizer):
         with torch.no_grad(), self._materialised() as work:
             done = self._done(work)
             groups = self._groups(work, done)
+            lift_gradients(groups, self.config)
             others = [p.grad for p in self._others() if p.grad is not None]
             total = self._total_norm(self._local_sq_norm(groups), others)
             if max_norm < math.inf:
@@ -353,6 +355,7 @@ class LowRankWrapper(Optimizer):
         norms: list[Tensor | None] = [None] * len(self.pairs)
         with torch.no_grad(), self._materialised() as work:
             groups = self._groups(work, self._done(work))
+            lift_gradients(groups, self.config)
             for group in groups:
                 for i, value in zip(group.indices, pair_sq_norms(group, self.config.full_space_clip).sqrt()):
                     norms[i] = value
@@ -377,35 +380,41 @@ class LowRankWrapper(Optimizer):
         # step at once; otherwise the strategy may cut it into buckets computed one after another.
         whole_step = self.transactional or self.rule.uses_base_step
         buckets = [stepping] if whole_step else self.distributed.buckets(self.pairs, stepping, with_bases) or [[]]
+        # The gradients are not read again once lifted, unless the sequential schedule lifts them
+        # again mid-step or the clip measures them raw.
+        raw_clip = self.max_grad_norm is not None and not self.config.full_space_clip
+        release = None if self.schedule.mode == "sequential" or raw_clip else self.distributed.release_gradients
         coef = None
         if self.max_grad_norm is not None and len(buckets) > 1:  # the clip needs every pair's norm first
             local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
             with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
                 for work in pieces:
                     groups = self._groups(work, self._done(work))
+                    self.distributed.settle()
                     bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
                     unchecked = unchecked[:0]
                     if bad:
                         return self._refuse(bad, loss)
+                    lift_gradients(groups, self.config, release)
                     local += self._local_sq_norm(groups)
             coef = clip_coefficient(self._total_norm(local, others), self.max_grad_norm)
             scale_(others, coef)
+        # From the factors before the step, for every bucket at once: no bucket is whole meanwhile.
+        due = base_products_due(steps_done(self.pairs, stepping, self.state), self.rule.base_products_every)
+        products = self.distributed.base_products(self.pairs, due) if due else {}
         with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
             for k, work in enumerate(pieces):
                 done = self._done(work)
-                # From the factors before the step, and before the groups' copies of them exist.
-                due = base_products_due(done, self.rule.base_products_every)
-                products = self.distributed.base_products(work, due) if due else {}
                 groups = self._groups(work, done)
                 if self.distributed.replicated:  # every rank holds every factor: sketches are cheap
                     ensure_sketches(work.pairs, work.state)
                 store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
+                self.distributed.settle()  # the finiteness verdict and base products, agreed meanwhile
                 bad = check_inputs(groups, unchecked, store, self.config)
                 unchecked = unchecked[:0]
                 if bad:
                     return self._refuse(bad, loss)
-                if self.schedule.mode != "sequential":  # which lifts gradients again mid-step
-                    self.distributed.release_gradients(work)
+                lift_gradients(groups, self.config, release)
                 if due:
                     attach_base_products(groups, due, products)
                 snapshot = (

@@ -1,8 +1,9 @@
 """The frozen weights' products under FSDP2 (2 gloo ranks): reduced from the shards, never gathered.
 
 LoFT-Adafactor reads ``W0`` only through ``||W0||^2`` and ``<W0, B A>``. Under FSDP2 every rank
-projects its own rows of ``W0`` and one all-reduce sums them, for bases stored ``(m, n)`` (rows
-split like ``B``'s) and ``W0^T`` (rows of ``A^T``, from ``A`` all-gathered). The products are
+projects its own rows of ``W0`` and dots them with the all-gathered partner factor, and one
+all-reduce sums two numbers per pair, for bases stored ``(m, n)`` (rows split like ``B``'s) and
+``W0^T`` (rows of ``A^T``); a base that FSDP2 left whole is read by the pair's owner. The products are
 float64, so the result matches a single process (which reads ``W0`` in blocks of rows instead)
 to float32 rounding of the step alone; the trick of :func:`dist_utils.train` makes the gradients
 bit-identical.
@@ -16,6 +17,7 @@ import pytest
 import torch
 from dist_utils import full_params, max_diff, spawn, train
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 import lowrank_opt as lo
 from lowrank_opt.distributed import fsdp
@@ -60,12 +62,14 @@ class Net(nn.Module):
 def _build(mode: str, every: int) -> tuple[nn.Module, lo.LowRankWrapper]:
     net: nn.Module = Net()
     strategy: lo.distributed.DistributedStrategy = lo.distributed.Replicated(local=True)
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
+        # "fsdp2-whole-bases": the frozen weights stay whole plain tensors on every rank.
+        frozen = {p for p in net.parameters() if not p.requires_grad} if mode == "fsdp2-whole-bases" else None
         for layer in net.layers:
-            fully_shard(layer)
-        fully_shard(net)
+            fully_shard(layer, ignored_params=frozen)
+        fully_shard(net, ignored_params=frozen)
         strategy = lo.distributed.FSDP2()
     base = torch.optim.Adafactor([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     return net, lo.LowRankWrapper(base, net, distributed=strategy, rule_options={"base_norm_every": every})
@@ -80,22 +84,25 @@ def _worker(rank: int, world: int) -> dict:
         return gather(self, items)
 
     fsdp.FSDP2._start_gather = recording  # type: ignore[method-assign]
-    out: dict = {"diff": {}, "bases": {}}
+    out: dict = {"diff": {}, "bases": {}, "sharded bases": {}}
     for every in (1, 2):
         net, opt = _build("single", every)
         train(net, opt, range(STEPS), micro_batches=world)
         reference = full_params(net)
-        net, opt = _build("fsdp2", every)
-        bases = {tuple(p.shape) for name, p in net.named_parameters() if not p.requires_grad}
-        gathered.clear()
-        train(net, opt, range(STEPS), rank, world)
-        out["diff"][every] = max_diff(full_params(net), reference)
-        out["bases"][every] = bases & set(gathered)
+        for mode in ("fsdp2", "fsdp2-whole-bases"):
+            net, opt = _build(mode, every)
+            bases = {tuple(p.shape) for name, p in net.named_parameters() if not p.requires_grad}
+            gathered.clear()
+            train(net, opt, range(STEPS), rank, world)
+            out["diff"][mode, every] = max_diff(full_params(net), reference)
+            out["bases"][mode, every] = bases & set(gathered)
+            out["sharded bases"][mode] = [isinstance(pair.base_weight, DTensor) for pair in opt.pairs]
     return out
 
 
 def test_fsdp2_reduces_base_products_from_shards_and_matches_a_single_process():
     for result in spawn(_worker, 2):
-        for every in (1, 2):
-            assert result["bases"][every] == set(), "a base weight was gathered"
-            assert result["diff"][every] < 1e-6, (every, result["diff"][every])
+        assert result["sharded bases"] == {"fsdp2": [True] * 3, "fsdp2-whole-bases": [False] * 3}
+        for key, diff in result["diff"].items():
+            assert result["bases"][key] == set(), f"{key}: a base weight was gathered"
+            assert diff < 1e-6, (key, diff)

@@ -3,8 +3,9 @@
 With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and scatters one
 bucket after another (the next one's gathers in flight): no more than one bucket's pairs are whole
 at once, the clip still sees every pair's norm, and the result is a single process's bit for bit.
-A transactional step, which must be able to put everything back, runs as one bucket; the
-sequential schedule, which lifts gradients again mid-step, keeps the gathered gradients. A
+A transactional step, which must be able to put everything back, runs as one bucket. The
+gathered gradients are dropped group by group once lifted, except under the sequential schedule,
+which lifts them again mid-step, and a clip on raw factor gradients, which reads them after. A
 non-finite gradient on one rank makes both ranks skip (or raise) before any bucket moves, and the
 next step runs normally (the gathers in flight were drained).
 """
@@ -20,6 +21,7 @@ from dist_utils import Net, full_params, local_batch, max_diff, spawn, train
 from torch import nn
 
 import lowrank_opt as lo
+from lowrank_opt import wrapper
 from lowrank_opt.distributed import fsdp
 
 pytestmark = pytest.mark.distributed
@@ -56,8 +58,23 @@ def _recording() -> list[tuple[list[int] | None, list[int]]]:
     return seen
 
 
+def _recording_gradients() -> list[bool]:
+    """Record, at every ``run_step``, whether the working factors it steps still hold gradients."""
+    held: list[bool] = []
+    original = wrapper.run_step
+
+    def run_step(groups, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if groups:  # a bucket may hold none of this rank's pairs
+            held.append(any(p.grad is not None for group in groups for side in "ab" for p in group.params(side)))
+        return original(groups, *args, **kwargs)
+
+    wrapper.run_step = run_step  # type: ignore[assignment]
+    return held
+
+
 def _worker(rank: int, world: int) -> dict:
     seen = _recording()
+    held = _recording_gradients()
     out: dict[str, Any] = {}
     for rule, clip in ((rule, clip) for rule in BASES for clip in (None, 0.05)):
         net, opt = _build(rule, "single", clip)
@@ -68,10 +85,12 @@ def _worker(rank: int, world: int) -> dict:
             strategy = opt.distributed
             assert isinstance(strategy, lo.distributed.FSDP2)
             seen.clear()
+            held.clear()
             train(net, opt, range(STEPS), rank, world)
             owned = sorted(i for i in range(len(opt.pairs)) if strategy.owns(i))
             out[rule, clip, transactional] = {
                 "diff": max_diff(full_params(net), reference),
+                "gradients held": any(held),
                 "transactional": opt.transactional,
                 "seen": list(seen),
                 "owned": owned,
@@ -82,8 +101,17 @@ def _worker(rank: int, world: int) -> dict:
     train(net, opt, range(STEPS), micro_batches=world)
     reference = full_params(net)
     net, opt = _build("loft_adamw", "fsdp2", None, schedule="sequential")
+    held.clear()
     train(net, opt, range(STEPS), rank, world)
-    out["sequential"] = max_diff(full_params(net), reference)
+    out["sequential"] = max_diff(full_params(net), reference), all(held)
+    # A clip on the raw factor gradients reads them after the lift: they must stay too.
+    net, opt = _build("loft_adamw", "single", 0.05, full_space_clip=False)
+    train(net, opt, range(STEPS), micro_batches=world)
+    reference = full_params(net)
+    net, opt = _build("loft_adamw", "fsdp2", 0.05, full_space_clip=False)
+    held.clear()
+    train(net, opt, range(STEPS), rank, world)
+    out["raw clip"] = max_diff(full_params(net), reference), all(held)
     out["others only"] = _others_only(rank, world)
     out["nonfinite"] = _nonfinite(rank, world)
     return out
@@ -145,6 +173,8 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             tolerance = 0.0 if clip is None else 1e-5
             assert bucketed["diff"] <= tolerance, (rule, clip, bucketed["diff"])
             assert whole["diff"] <= tolerance, (rule, clip, whole["diff"])
+            # The gathered gradients go group by group once lifted: none is left when the rules run.
+            assert not bucketed["gradients held"] and not whole["gradients held"]
             assert bucketed["transactional"] is False and whole["transactional"] is True
             buckets = bucketed["buckets"]
             assert len(buckets) > 1, buckets
@@ -162,7 +192,14 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
 
 def test_the_sequential_schedule_steps_bucket_by_bucket_too(results):
     for result in results:
-        assert result["sequential"] == 0, result["sequential"]
+        assert result["sequential"] == (0, True), result["sequential"]
+
+
+def test_a_clip_on_raw_factor_gradients_keeps_them_and_equals_a_single_process(results):
+    for result in results:
+        diff, held = result["raw clip"]
+        assert held
+        assert diff <= 1e-5, diff
 
 
 def test_a_step_without_factor_gradients_moves_the_other_parameters(results):

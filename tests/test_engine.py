@@ -180,3 +180,52 @@ def test_the_import_graph_has_no_cycle_and_strategies_do_not_import_the_wrapper(
     for node in graph:
         if node != "lowrank_opt":
             visit(node, [])
+
+
+def test_stacked_reads_evenly_spaced_tensors_in_place_and_copies_the_rest():
+    flat = torch.arange(40.0)
+    rows = [flat[k * 10 : k * 10 + 6].view(2, 3) for k in range(3)]  # one storage, 10 elements apart
+    view = lo.engine.stacked(rows)
+    assert view.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert torch.equal(view, torch.stack(rows))
+    single = lo.engine.stacked(rows[:1])
+    assert single.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and single.shape == (1, 2, 3)
+    unevenly_spaced = [rows[0], rows[1], flat[25:31].view(2, 3)]
+    for uneven in ([rows[0], rows[2], rows[1]], unevenly_spaced, [rows[0], torch.ones(2, 3)]):
+        copy = lo.engine.stacked(uneven)
+        assert copy.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+        assert torch.equal(copy, torch.stack(uneven))
+    overlapping = [flat[0:6].view(2, 3), flat[3:9].view(2, 3)]
+    assert torch.equal(lo.engine.stacked(overlapping), torch.stack(overlapping))
+    assert lo.engine.stacked(overlapping).untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+
+
+def test_a_step_reads_the_frozen_factor_in_place_and_lifts_each_gradient_once(monkeypatch):
+    """From ``B = 0`` the first step needs the minimum-norm inverse for ``a``: each gradient is still
+    lifted once (after the check chose the inverse), and the frozen factor ``a`` is the view's
+    basis without a copy while the moving ``b`` is copied (its old value calibrates ``a``'s
+    statistics)."""
+    pair = make_pair(7, 5, 2, zero_b=True)
+    opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2), [pair])
+    lifted: list[str] = []
+    groups: list[lo.engine.Group] = []
+    lift, step_group = lo.engine._lift_gradients, lo.engine.step_group
+
+    def counting_lift(group, side, config):  # type: ignore[no-untyped-def]
+        lifted.append(side)
+        return lift(group, side, config)
+
+    def recording_step(group, store, config):  # type: ignore[no-untyped-def]
+        groups.append(group)
+        return step_group(group, store, config)
+
+    monkeypatch.setattr(lo.engine, "_lift_gradients", counting_lift)
+    monkeypatch.setattr(lo.engine, "step_group", recording_step)
+    quadratic_loss(torch.ones(7, 5, dtype=torch.float64))(full_weight(pair)).backward()
+    opt.step()
+    assert sorted(lifted) == ["a", "b"]
+    (group,) = groups
+    assert group.active == ("b",)  # from B = 0, b moves first
+    basis, coeff = group.views["b"].basis, group.views["b"].coeff  # a^T, b^T
+    assert basis.untyped_storage().data_ptr() == pair.a.untyped_storage().data_ptr()
+    assert coeff.untyped_storage().data_ptr() != pair.b.untyped_storage().data_ptr()

@@ -35,9 +35,10 @@ DTensors, as FSDP2 does.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair, base_products_from
 from ..quantized import project_rows
 from ..rule import CalibrationRule
+from ..views import SIDES
 from .sharded import assign_pairs, pair_costs
 from .strategy import (
     DistributedStrategy,
@@ -100,6 +102,7 @@ class FSDP2(DistributedStrategy):
         self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
         self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
         self._work_state: dict[Tensor, dict[str, Any]] = {}
+        self._pending: list[Any] = []  # collectives in flight until settle()
 
     def __repr__(self) -> str:
         return f"FSDP2(bucket_bytes={self.bucket_bytes})"
@@ -193,8 +196,18 @@ class FSDP2(DistributedStrategy):
                 pending.wait()
 
     def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
-        """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole."""
-        return [(self.owners[i], t) for i in indices for t in self._pair_tensors(pairs[i], with_bases)]
+        """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole: the factors first,
+        by side, then shape, then index, so that the factors the step groups together land side by
+        side (:meth:`_start_gather`); then gradients and bases."""
+        factors = sorted((side, pairs[i].full_shape, pairs[i].rank, i) for i in indices for side in SIDES)
+        items = [(self.owners[i], getattr(pairs[i], side)) for side, _, _, i in factors]
+        items = [(owner, t) for owner, t in items if isinstance(t, DTensor)]
+        return items + [
+            (self.owners[i], t)
+            for i in indices
+            for t in self._pair_tensors(pairs[i], with_bases)
+            if t is not pairs[i].a and t is not pairs[i].b
+        ]
 
     @contextmanager
     def _working_set(
@@ -240,11 +253,13 @@ class FSDP2(DistributedStrategy):
             work_state.clear()
             self._shadows = {}
 
-    def release_gradients(self, work: Materialised) -> None:
-        """Drop the gathered whole gradients of the working set: ``step()`` reads ``g_hat`` from
-        here on and changes no gradient, so nothing is written back to the shards."""
-        for shadow in self._shadows.values():
-            shadow.grad = None
+    def release_gradients(self, factors: Sequence[Tensor]) -> None:
+        """Drop the gathered whole gradients of these working factors: ``step()`` reads ``g_hat``
+        from here on and changes no gradient, so nothing is written back to the shards."""
+        shadows = {id(shadow) for shadow in self._shadows.values()}
+        for factor in factors:
+            if id(factor) in shadows:
+                factor.grad = None
 
     def _shadow_of(self, factor: Tensor) -> nn.Parameter:
         """The working factor that stands for the DTensor ``factor`` at every step (empty between steps)."""
@@ -266,59 +281,82 @@ class FSDP2(DistributedStrategy):
         grams = [state[getattr(pairs[i], side)] for i, side in moved]
         self._scatter(sends, grams)
 
-    def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
-        """``(||W0||^2, <W0, B A>)`` of the due pairs, reduced from the shards of ``W0``: never gathered.
+    def base_products(self, pairs: Sequence[LoRAPair], due: Sequence[int]) -> dict[int, Tensor]:
+        """``(||W0||^2, <W0, B A>)`` of the due pairs, from the shards of ``W0``: never gathered.
 
-        Each rank projects its rows of ``W0`` on the same rows of the factor ``R`` that runs along
-        them (``B``, whose rows ``fully_shard`` splits like those of ``W0``; or, for ``W0^T``, rows
-        of ``A^T``, from ``A`` all-gathered, ``r n`` elements): ``||W0_rows||^2`` and
-        ``R_rows^T W0_rows`` (r, cols), in float64. A reduce to each owner sums those of its
-        pairs (in chunks of at most ``bucket_bytes`` of partials, one reduce each); the owner
-        finishes ``<R^T W0, P>`` with its whole partner ``P``. A base that is not a DTensor is read
-        whole by the owner.
+        With ``R`` the factor that runs along the stored rows of ``W0`` and ``P`` its partner
+        (:meth:`LoRAPair.base_row_factors`), ``<W0, B A> = sum_j <R_j^T W0_j, P>`` over the shards
+        ``j``. Each rank reads its rows of ``W0`` block by block against the same rows of ``R``
+        (its own rows of ``B``; rows of ``A^T`` for ``W0^T``, and for a base that is not a DTensor
+        the owner reads it whole) and dots the ``(r, cols)`` result with the whole ``P``, in
+        float64; one all-reduce sums the two numbers of every pair, in flight until the step
+        settles. The factors a rank lacks
+        (``A``, and ``B`` too for ``W0^T`` or a whole base: ``r (m + n)`` elements at most per
+        pair) are all-gathered one owner's pairs at a time, in chunks of at most ``bucket_bytes``
+        (a rank holds about its own share of them at once), before any bucket of the step is whole.
         """
-        sharded = [i for i in due if isinstance(work.pairs[i].base_weight, DTensor)]
-        products = super().base_products(work, sorted(set(due) - set(sharded)))  # bases every rank holds whole
-        # Reduced to each owner in turn, in chunks of at most one pair or bucket_bytes of float64
-        # partials: a rank holds the partials of one owner's pairs at a time, not of every pair.
+        chunks = []
         for owner in range(self.shards):
-            owned = [i for i in sharded if self.owners[i] == owner]
-            for chunk in fill_buckets(owned, lambda i: 8 * _partial_size(work.pairs[i]), self.bucket_bytes):
-                products.update(self._reduced_base_products(work, chunk, owner))
-        return products
+            owned = [i for i in due if self.owners[i] == owner and pairs[i].base_weight is not None]
 
-    def _reduced_base_products(self, work: Materialised, indices: Sequence[int], owner: int) -> dict[int, Tensor]:
-        """The base products of the pairs ``indices`` (DTensor bases, all owned by ``owner``) with one
-        reduce to the owner; empty on the other ranks."""
-        sizes = [_partial_size(work.pairs[i]) for i in indices]
-        flat = torch.empty(sum(sizes), dtype=torch.float64, device=comm_device(self._shard_group))
-        for i, part in zip(indices, flat.split(sizes)):  # each pair's partial straight into its piece
-            pair = work.pairs[i]
-            assert pair.base_weight is not None
-            original_a, original_b = (work.originals.get(f, f) for f in (pair.a, pair.b))
-            if pair.base_transposed:  # rows of W0^T are columns of A, whose shards hold rows of A
-                whole_a = original_a.detach().full_tensor()  # type: ignore[attr-defined]
-                rows = self._rows_of(pair.matrix_a(whole_a).double().T, self.rank)
-            else:  # fully_shard splits the rows of B as those of W0
-                rows = pair.matrix_b(_local(original_b).detach()).double()
-            base_rows = pair.base_weight.to_local()  # type: ignore[attr-defined]
-            sq_norm, projected = project_rows(base_rows, rows, label=pair.name or "base_weight")
-            part[0] = sq_norm
-            part[1:].copy_(projected.flatten())
-        dist.reduce(flat, group=self._shard_group, group_dst=owner)
-        products: dict[int, Tensor] = {}
-        if owner != self.rank:
-            return products
-        for i, summed in zip(indices, flat.split(sizes)):  # the working factors are whole here: the partner P
-            pair = work.pairs[i]
-            partner = pair.base_row_factors(pair.a.detach(), pair.b.detach())[1]
-            products[i] = base_products_from(summed[0], summed[1:].to(partner.device), partner)
-        return products
+            def nbytes(i: int) -> int:
+                return sum(f.nbytes for f in self._base_partners(pairs[i]))
+
+            chunks += [(owner, chunk) for chunk in fill_buckets(owned, nbytes, self.bucket_bytes)]
+        order = [i for _, chunk in chunks for i in chunk]
+        partials = torch.zeros(len(order), 2, dtype=torch.float64, device=comm_device(self._shard_group))
+        for (owner, chunk), rows in zip(chunks, partials.split([len(chunk) for _, chunk in chunks])):
+            self._base_partials(pairs, chunk, owner, rows)
+        if order:  # read once the step settles (:meth:`settle`), after the bucket's gathers
+            self._pending.append(dist.all_reduce(partials, group=self._shard_group, async_op=True))
+        return {i: summed for i, summed in zip(order, partials) if self.owns(i)}
+
+    @staticmethod
+    def _base_partners(pair: LoRAPair) -> list[Tensor]:
+        """The factors every rank needs whole for its share of the pair's base products."""
+        if isinstance(pair.base_weight, DTensor) and not pair.base_transposed:
+            return [pair.a]  # the rows of B that run along this rank's rows of W0 are its own shard
+        return [pair.a, pair.b]
+
+    def _base_partials(self, pairs: Sequence[LoRAPair], indices: Sequence[int], owner: int, out: Tensor) -> None:
+        """This rank's share ``(||W0_j||^2, <R_j^T W0_j, P>)`` of the base products of the pairs
+        ``indices`` (all owned by ``owner``) into the rows of ``out``. The factors they need whole
+        are all-gathered while this rank projects its rows of ``W0`` on its own rows of ``B``."""
+        whole = self._all_gathered([f for i in indices for f in self._base_partners(pairs[i])])
+        projected: dict[int, tuple[Tensor, Tensor]] = {}
+        for i in indices:  # this rank's rows of B run along its rows of W0: nothing to wait for
+            pair = pairs[i]
+            if isinstance(pair.base_weight, DTensor) and not pair.base_transposed:
+                rows = pair.matrix_b(_local(pair.b).detach()).double()
+                projected[i] = self._projected(pair, pair.base_weight.to_local(), rows)
+        for i, part in zip(indices, out):
+            pair = pairs[i]
+            base = pair.base_weight
+            assert base is not None
+            if i in projected:
+                sq_norm, rows_w0 = projected.pop(i)
+                part.copy_(base_products_from(sq_norm, rows_w0, pair.matrix_a(whole[pair.a]).double()))
+                continue
+            if not isinstance(base, DTensor) and owner != self.rank:  # a whole base is read by its owner alone
+                continue
+            rows, partner = pair.base_row_factors(whole[pair.a], whole[pair.b])
+            if isinstance(base, DTensor):  # rows of W0^T are columns of A: this rank's share of them
+                rows, base = self._rows_of(rows, self.rank), base.to_local()
+            part.copy_(base_products_from(*self._projected(pair, base, rows), partner))
+
+    @staticmethod
+    def _projected(pair: LoRAPair, base: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        return project_rows(base, rows, label=pair.name or "base_weight", layer=pair.base_layer)
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         """Checked on this rank's pieces (whole gradients of owned pairs, local shards of the
         rest), agreed over every rank with one all-reduce: the verdict is the whole tensors'."""
-        return agree_flags(finite_flags([_local(g) for g in grads]), None)
+        return agree_flags(finite_flags([_local(g) for g in grads]), None, self._pending)
+
+    def settle(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending.clear()
 
     def reduce_pair_squares(self, local: Tensor) -> Tensor:
         total = local.to(comm_device(self._shard_group), torch.float64, copy=True)
@@ -363,132 +401,243 @@ class FSDP2(DistributedStrategy):
         return -(-rows // self.shards) * (t.numel() // max(rows, 1))
 
     def _start_gather(self, items: Sequence[tuple[int, Tensor]]) -> _Gathering:
-        """Issue, without waiting, the gathers of whole copies of DTensors ``(owner, dtensor)`` on
-        their owners: one ``gather`` per owner and dtype in each bucket. A tensor of at least
-        :data:`ALONE_BYTES` is gathered on its own, straight into its whole copy (DTensor's shards
-        pad only at the end, so the ranks' padded pieces laid end to end are the whole tensor):
-        no second copy of a large base weight."""
-        device = comm_device(self._shard_group)
-        calls: list[tuple[int, list[Tensor]]] = []
-        for bucket in fill_buckets(items, lambda item: item[1].nbytes, self.bucket_bytes):
-            by_key: dict[tuple[int, torch.dtype], list[Tensor]] = {}
-            for owner, t in bucket:
-                if t.nbytes >= ALONE_BYTES:
-                    calls.append((owner, [t]))
-                else:
-                    by_key.setdefault((owner, t.dtype), []).append(t)
-            calls += [(owner, tensors) for (owner, _), tensors in by_key.items()]
-        launched = []
-        for owner, tensors in calls:
-            sizes = [self._padded(t) for t in tensors]
-            send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=device)
-            for t, piece in zip(tensors, send.split(sizes)):
-                local = _local(t).detach().reshape(-1)
-                piece[: local.numel()].copy_(local)
-            # The ranks' pieces land end to end in one buffer.
-            buffer = (
-                torch.empty(self.shards * send.numel(), dtype=send.dtype, device=device) if owner == self.rank else None
-            )
-            received = list(buffer.split(send.numel())) if buffer is not None else None
-            work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
-            launched.append(_Gather(work, send, buffer, sizes, tensors))
-        return _Gathering(self, launched)
+        """Plan the exchanges that bring whole copies of DTensors ``(owner, dtensor)`` to their
+        owners and issue the first (:class:`_Gathering` issues the rest one at a time).
 
-    def _unpack(self, call: _Gather, out: dict[Tensor, Tensor]) -> None:
-        """On the owner of a completed gather, assemble each whole tensor from the ranks' rows."""
-        buffer, tensors = call.buffer, call.tensors
-        if buffer is None:
+        One ``all_to_all`` per kind and dtype carries every owner's tensors at once: each rank
+        sends each owner its rows of that owner's tensors. The factors travel first, into one
+        buffer per dtype on their owner, in the order of ``items``, so that a group's factors lie
+        evenly spaced in one storage and the engine reads them as a stack without copying them
+        (:func:`~lowrank_opt.engine.stacked`); the gradients (and small bases) follow, each into
+        a tensor of its own, so that the step can free them group by group. Only one exchange's
+        buffers are alive at once. A tensor of at least :data:`ALONE_BYTES` is gathered on its
+        own, straight into its whole copy: no second copy of a large base weight."""
+        alone = [(owner, t) for owner, t in items if t.nbytes >= ALONE_BYTES]
+        kinds = (
+            [(owner, t) for owner, t in items if t.nbytes < ALONE_BYTES and t.requires_grad],  # factors
+            [(owner, t) for owner, t in items if t.nbytes < ALONE_BYTES and not t.requires_grad],
+        )
+        plan: list[Callable[[], _Gather]] = []
+        for kind in kinds:
+            by_dtype: dict[torch.dtype, list[tuple[int, Tensor]]] = {}
+            for owner, t in kind:
+                by_dtype.setdefault(t.dtype, []).append((owner, t))
+            plan += [partial(self._exchange, members) for members in by_dtype.values()]
+        plan += [partial(self._gather_alone, owner, t) for owner, t in alone]
+        return _Gathering(self, plan, self._factor_buffers([(o, t) for o, t in kinds[0]]))
+
+    def _factor_buffers(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
+        """Where each whole factor of ``items`` this rank owns lands: views of one buffer per dtype, in order."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for owner, t in items:
+            if owner == self.rank:
+                by_dtype.setdefault(t.dtype, []).append(t)
+        out: dict[Tensor, Tensor] = {}
+        for dtype, tensors in by_dtype.items():
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+            for t, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
+                out[t] = piece.view(t.shape)
+        return out
+
+    def _exchange(self, items: Sequence[tuple[int, Tensor]]) -> _Gather:
+        """Start one ``all_to_all`` that gives every owner the whole of its tensors among ``items``
+        (one dtype): this rank sends each owner, in rank order, its rows of that owner's tensors,
+        and receives every rank's rows of its own, the ranks' pieces end to end."""
+        ordered = sorted(items, key=lambda item: item[0])  # stable: each owner's tensors keep their order
+        tensors = [t for _, t in ordered]
+        sizes = [self._padded(t) for t in tensors]
+        send = self._packed(tensors, sizes)
+        send_splits = [sum(size for (owner, _), size in zip(ordered, sizes) if owner == j) for j in range(self.shards)]
+        mine = [t for owner, t in ordered if owner == self.rank]
+        mine_sizes = [self._padded(t) for t in mine]
+        buffer = torch.empty(self.shards * sum(mine_sizes), dtype=send.dtype, device=send.device)
+        work = dist.all_to_all_single(
+            buffer,
+            send,
+            [sum(mine_sizes)] * self.shards,
+            send_splits,
+            group=self._shard_group,
+            async_op=True,
+        )
+        return _Gather(work, send, buffer if mine else None, mine_sizes, mine)
+
+    def _gather_alone(self, owner: int, t: Tensor) -> _Gather:
+        """Start one gather of the large tensor ``t`` to ``owner``, straight into its whole copy."""
+        send = self._packed([t], [self._padded(t)])
+        buffer = (
+            torch.empty(self.shards * send.numel(), dtype=send.dtype, device=send.device)
+            if owner == self.rank
+            else None
+        )
+        received = list(buffer.split(send.numel())) if buffer is not None else None
+        work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
+        return _Gather(work, send, buffer, [send.numel()], [t] if buffer is not None else [])
+
+    def _packed(self, tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+        """This rank's shards of ``tensors`` (one dtype) end to end, each padded to its ``sizes`` entry."""
+        send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=comm_device(self._shard_group))
+        locals_ = [_local(t).detach().reshape(-1) for t in tensors]
+        pieces = [piece[: local.numel()] for local, piece in zip(locals_, send.split(sizes))]
+        torch._foreach_copy_(pieces, locals_)
+        return send
+
+    def _all_gathered(self, tensors: Sequence[Tensor]) -> _AllGathered:
+        """Whole copies of the DTensors ``tensors`` on every rank: one ``all_gather`` per dtype,
+        issued without waiting; each whole tensor is assembled when it is read."""
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        where: dict[Tensor, tuple[_Gather, int]] = {}
+        for group in by_dtype.values():
+            sizes = [self._padded(t) for t in group]
+            send = self._packed(group, sizes)
+            buffer = torch.empty(self.shards * send.numel(), dtype=send.dtype, device=send.device)
+            work = dist.all_gather(list(buffer.split(send.numel())), send, group=self._shard_group, async_op=True)
+            call = _Gather(work, send, buffer, sizes, group)
+            where.update((t, (call, k)) for k, t in enumerate(group))
+        return _AllGathered(self, where)
+
+    def _unpack(self, call: _Gather, out: dict[Tensor, Tensor], into: Mapping[Tensor, Tensor]) -> None:
+        """On the owner of a completed gather, assemble each whole tensor from the ranks' rows:
+        into its place in ``into`` where it has one, else into a tensor of its own."""
+        if call.buffer is None:
             return
-        if len(tensors) == 1:  # one tensor: the buffer is already the whole, padded at the end
-            t = tensors[0]
-            out[t] = buffer[: t.numel()].view(t.shape).to(t.device)
-            return
-        pieces = [flat.split(call.sizes) for flat in buffer.split(sum(call.sizes))]
-        for k, t in enumerate(tensors):
-            row = t.numel() // max(t.shape[0], 1)
-            parts = [pieces[j][k][: self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
-            out[t] = torch.cat(parts).view(t.shape).to(t.device)
+        for k, t in enumerate(call.tensors):
+            out[t] = self._assembled(call, k, into.get(t))
+
+    def _assembled(self, call: _Gather, k: int, into: Tensor | None = None) -> Tensor:
+        """Tensor ``k`` of a completed gather, whole, from the ranks' rows in its receive buffer
+        (into ``into`` when given). The only tensor of a gather is the buffer itself: DTensor's
+        shards pad only at the end, so the ranks' padded pieces laid end to end are the whole."""
+        assert call.buffer is not None
+        t = call.tensors[k]
+        if len(call.tensors) == 1 and into is None:
+            return call.buffer[: t.numel()].view(t.shape).to(t.device)
+        offset = sum(call.sizes[:k])
+        row = t.numel() // max(t.shape[0], 1)
+        pieces = call.buffer.view(self.shards, -1)
+        parts = [pieces[j, offset : offset + self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
+        if into is None:
+            return torch.cat(parts).view(t.shape).to(t.device)
+        flat, start = into.view(-1), 0
+        for part in parts:
+            flat[start : start + part.numel()].copy_(part)
+            start += part.numel()
+        return into
 
     def _scatter(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
         """Each moved factor's rows from its owner into every rank's shard, and its new basis Gram
-        (``entries[k][BASIS_GRAM_KEY]``, ``r x r``) into every rank's state: one ``scatter`` per
-        owner and dtype in each bucket."""
-        device = comm_device(self._shard_group)
+        (``entries[k][BASIS_GRAM_KEY]``, ``r x r``) into every rank's state: one ``all_to_all``
+        per dtype in each piece of at most ``bucket_bytes``, in which every owner sends each rank
+        its rows of the factors it moved."""
         indexed = [(owner, original) for owner, original, _ in sends]
         position = {id(original): k for k, (_, original) in enumerate(indexed)}
         for bucket in fill_buckets(indexed, lambda item: item[1].nbytes, self.bucket_bytes):
-            calls: dict[tuple[int, torch.dtype], list[tuple[int, bool]]] = {}  # -> (send index, is the Gram)
-            for owner, original in bucket:
+            by_dtype: dict[torch.dtype, list[tuple[int, int, bool]]] = {}  # -> (owner, send index, is the Gram)
+            for owner, original in sorted(bucket, key=lambda item: item[0]):
                 k = position[id(original)]
-                gram = entries[k][BASIS_GRAM_KEY]
-                calls.setdefault((owner, original.dtype), []).append((k, False))
-                calls.setdefault((owner, gram.dtype), []).append((k, True))
-            for (owner, dtype), members in calls.items():
-                sizes = [
-                    entries[k][BASIS_GRAM_KEY].numel() if is_gram else self._padded(sends[k][1])
-                    for k, is_gram in members
-                ]
-                received = torch.empty(sum(sizes), dtype=dtype, device=device)
-                chunks = None
-                if owner == self.rank:
-                    chunks = []
-                    for j in range(self.shards):
-                        flat = torch.zeros_like(received)
-                        for (k, is_gram), piece in zip(members, flat.split(sizes)):
-                            whole = sends[k][2]
-                            assert whole is not None  # this rank owns the pair
-                            value = entries[k][BASIS_GRAM_KEY] if is_gram else self._rows_of(whole, j)
-                            piece[: value.numel()].copy_(value.reshape(-1))
-                        chunks.append(flat)
-                dist.scatter(received, chunks, group=self._shard_group, group_src=owner)
-                with torch.no_grad():
-                    for (k, is_gram), piece in zip(members, received.split(sizes)):
-                        original = sends[k][1]
-                        if is_gram:
-                            if owner != self.rank:
-                                entry = entries[k]
-                                entry[BASIS_GRAM_KEY] = piece.view_as(entry[BASIS_GRAM_KEY]).to(
-                                    entry[BASIS_GRAM_KEY].device, copy=True
-                                )
-                            continue
-                        local = _local(original)
-                        local.copy_(piece[: local.numel()].view_as(local))
-                del received, chunks  # before the next call's buffers
+                by_dtype.setdefault(original.dtype, []).append((owner, k, False))
+                by_dtype.setdefault(entries[k][BASIS_GRAM_KEY].dtype, []).append((owner, k, True))
+            for dtype, members in by_dtype.items():
+                self._exchange_moved(sends, entries, members, dtype)
+
+    def _exchange_moved(
+        self,
+        sends: Sequence[tuple[int, Tensor, Tensor | None]],
+        entries: Sequence[dict[str, Any]],
+        members: Sequence[tuple[int, int, bool]],
+        dtype: torch.dtype,
+    ) -> None:
+        """One ``all_to_all`` of the moved rows and Grams ``members`` (owner-ordered, one dtype)."""
+        device = comm_device(self._shard_group)
+        sizes = [
+            entries[k][BASIS_GRAM_KEY].numel() if is_gram else self._padded(sends[k][1]) for _, k, is_gram in members
+        ]
+        mine = [(k, is_gram) for owner, k, is_gram in members if owner == self.rank]
+        mine_sizes = [size for (owner, _, _), size in zip(members, sizes) if owner == self.rank]
+        piece = sum(mine_sizes)  # what this rank sends each rank
+        send = torch.zeros(self.shards * piece, dtype=dtype, device=device)
+        for j, flat in enumerate(send.split(piece) if piece else []):
+            for (k, is_gram), part in zip(mine, flat.split(mine_sizes)):
+                whole = sends[k][2]
+                assert whole is not None  # this rank owns the pair
+                value = entries[k][BASIS_GRAM_KEY] if is_gram else self._rows_of(whole, j)
+                part[: value.numel()].copy_(value.reshape(-1))
+        received_splits = [
+            sum(size for (owner, _, _), size in zip(members, sizes) if owner == j) for j in range(self.shards)
+        ]
+        received = torch.empty(sum(received_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(received, send, received_splits, [piece] * self.shards, group=self._shard_group)
+        del send
+        with torch.no_grad():
+            for (owner, k, is_gram), part in zip(members, received.split(sizes)):
+                if is_gram:
+                    if owner != self.rank:
+                        entry = entries[k]
+                        entry[BASIS_GRAM_KEY] = part.view_as(entry[BASIS_GRAM_KEY]).to(
+                            entry[BASIS_GRAM_KEY].device, copy=True
+                        )
+                    continue
+                local = _local(sends[k][1])
+                local.copy_(part[: local.numel()].view_as(local))
 
 
 @dataclass
 class _Gather:
-    """One gather in flight: its work handle, what it sends, and (on the owner) where it lands."""
+    """One collective in flight that brings whole tensors to this rank: its work handle, what it
+    sends, and the tensors it receives, every rank's padded rows of them end to end in ``buffer``."""
 
     work: Any
     send: Tensor | None  # kept alive until the collective completes
-    buffer: Tensor | None
-    sizes: list[int]
+    buffer: Tensor | None  # None: this rank receives nothing
+    sizes: list[int]  # the padded piece of each tensor of ``tensors``
     tensors: list[Tensor]
 
 
 @dataclass
 class _Gathering:
-    """The gathers of one bucket, issued; :meth:`wait` gives this rank's whole tensors, keyed by DTensor."""
+    """The collectives of one bucket, the first in flight; :meth:`wait` issues the others one
+    after another and gives this rank's whole tensors, keyed by DTensor."""
 
     strategy: FSDP2
-    calls: list[_Gather]
+    planned: list[Callable[[], _Gather]]  # each issues one collective, in order
+    into: dict[Tensor, Tensor]  # where the whole factors this rank owns land
+    current: _Gather | None = None
+
+    def __post_init__(self) -> None:
+        self.planned = list(self.planned)
+        self._next()
+
+    def _next(self) -> None:
+        self.current = self.planned.pop(0)() if self.planned else None
 
     def wait(self) -> dict[Tensor, Tensor]:
-        for call in self.calls:  # every send buffer goes (the work holds it too) before anything is unpacked
-            call.work.wait()
-            call.work = call.send = None
         out: dict[Tensor, Tensor] = {}
-        while self.calls:  # each receive buffer goes as soon as its tensors are unpacked
-            self.strategy._unpack(self.calls.pop(0), out)
+        while self.current is not None:
+            call, self.current = self.current, None
+            call.work.wait()
+            call.work = call.send = None  # the send buffer goes (the work held it too) before unpacking
+            self.strategy._unpack(call, out, self.into)
+            del call  # and the receive buffer before the next collective's buffers exist
+            self._next()
+        self.into = {}
         return out
 
 
-def _partial_size(pair: LoRAPair) -> int:
-    """Float64 numbers of a pair's base-product partial: ``||W0_rows||^2`` and ``R_rows^T W0_rows``
-    (r, columns of ``W0`` as stored: ``n``, or ``m`` for ``W0^T``)."""
-    m, n = pair.full_shape
-    return 1 + pair.rank * (m if pair.base_transposed else n)
+@dataclass
+class _AllGathered:
+    """Whole copies of DTensors that every rank received, each assembled when read: one at a
+    time alongside the receive buffers, not all of them at once."""
+
+    strategy: FSDP2
+    where: dict[Tensor, tuple[_Gather, int]]
+
+    def __getitem__(self, t: Tensor) -> Tensor:
+        call, k = self.where[t]
+        if call.work is not None:
+            call.work.wait()
+            call.work = call.send = None
+        return self.strategy._assembled(call, k)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -134,27 +134,34 @@ class DistributedStrategy:
             with self.materialised(pairs, state, with_bases) as work:
                 yield replace(work, indices=list(bucket))
 
-    def release_gradients(self, work: Materialised) -> None:
-        """Called once the coefficient gradients of ``work``'s groups exist and nothing in the step
-        reads the factors' gradients again: a strategy may drop copies it made for the step. Here:
-        nothing to drop (the gradients are the caller's)."""
+    def release_gradients(self, factors: Sequence[Tensor]) -> None:
+        """Called with the working factors of a group once their coefficient gradients exist and
+        nothing in the step reads their gradients again: a strategy may drop copies it made for
+        the step. Here: nothing to drop (the gradients are the caller's)."""
 
-    def base_products(self, work: Materialised, due: Sequence[int]) -> dict[int, Tensor]:
+    def base_products(self, pairs: Sequence[LoRAPair], due: Sequence[int]) -> dict[int, Tensor]:
         """``(||W0||^2, <W0, B A>)`` (2,) of each pair of ``due`` that this rank owns and that has a
-        base weight, from the factors before the step, keyed by pair index; ``due`` is the same on
-        every rank. Here: read from the whole base weight block by block (:meth:`LoRAPair.base_products`)."""
+        base weight, from the factors before the step, keyed by pair index; called before any
+        bucket is materialised, with the same ``due`` on every rank. Here: read from the whole base
+        weight block by block (:meth:`LoRAPair.base_products`)."""
         products = {}
         for i in due:
             if self.owns(i):
-                value = work.pairs[i].base_products()
+                value = pairs[i].base_products()
                 if value is not None:
                     products[i] = value
         return products
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         """Whether each gradient of the step (the factors' of the stepping pairs, then the other
-        parameters') is finite everywhere: one bool tensor ``(len(grads),)``, the same on every rank."""
+        parameters') is finite everywhere: one tensor ``(len(grads),)`` (bool, or 0/1 integers),
+        the same on every rank once :meth:`settle` returned."""
         return finite_flags(grads)
+
+    def settle(self) -> None:
+        """Wait for the collectives that :meth:`finite_flags` and :meth:`base_products` may leave in
+        flight (their tensors hold the agreed values from then on); the step calls it before it
+        reads them, so that the agreement overlaps the work in between. Here: none are."""
 
     def reduce_pair_squares(self, local: Tensor) -> Tensor:
         """The sum of the squared full-space norms of this rank's pairs (0-dim float64) -> of all pairs."""
@@ -269,16 +276,20 @@ def comm_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def agree_flags(flags: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+def agree_flags(flags: Tensor, group: dist.ProcessGroup | None, pending: list[Any] | None = None) -> Tensor:
     """``flags`` (bool) combined over the ranks of ``group`` with a logical AND: one all-reduce (MIN).
 
     Every rank gets the same verdict, so every rank raises, or skips the step, together; a verdict
     taken per rank would let one rank step alone (replicated: silently different parameters;
-    sharded: the next collective mismatched)."""
+    sharded: the next collective mismatched). With ``pending``, the all-reduce is left in flight
+    (its work appended there) and the 0/1 integers it will hold are returned."""
     if flags.numel() == 0:
         return flags
     values = flags.to(comm_device(group), torch.int32)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=group)
+    work = dist.all_reduce(values, op=dist.ReduceOp.MIN, group=group, async_op=pending is not None)
+    if pending is not None:
+        pending.append(work)
+        return values
     return values.to(flags.device, torch.bool)
 
 
