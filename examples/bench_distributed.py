@@ -14,8 +14,8 @@ runs with its default bucket (25 MiB: every pair a rank owns in one bucket, here
   during ``step()`` (all-reduce, reduce and broadcast: the tensor; all-gather and gather: its
   input; scatter: the piece it receives; all-to-all: its input), and their number. DDP's and FSDP's own gradient
   reductions happen in ``backward()`` and are not counted;
-* ``ms/step``: the median of ``--steps`` timed steps (2 CPU threads shared by all ranks, so
-  compare modes within one world size).
+* ``ms/step``: the median of ``--steps`` timed steps, the modes of a rule stepping in turn within
+  each round (2 CPU threads shared by all ranks, so compare modes within one world size).
 
 The targets of the issue are checked at the end:
 
@@ -159,41 +159,50 @@ def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
     results: dict[tuple[str, str], dict[str, float]] = {}
     try:
         for rule in RULES:
-            for mode in MODES:
-                results[rule, mode] = _measure(mode, rule, rank, steps)
+            results.update({(rule, mode): row for mode, row in _measure(rule, rank, steps).items()})
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _measure(mode: str, rule: str, rank: int, steps: int) -> dict[str, float]:
-    net, opt = _build(mode, rule)
+def _measure(rule: str, rank: int, steps: int) -> dict[str, dict[str, float]]:
+    """Every mode of ``rule``: memory and communication of one untimed step each, then ``steps``
+    timed rounds in which every mode steps once in turn (a slow moment of the machine falls on
+    all modes alike), the median per mode."""
+    built = {mode: _build(mode, rule) for mode in MODES}
     gen = torch.Generator().manual_seed(rank)
     xs = [torch.randn(4, i, generator=gen) for i, _ in SHAPES]
-    times, peak, sent, calls = [], 0, 0, 0
-    for step in range(steps + 2):  # step 0 warms up; step 1, untimed, measures memory and communication
+
+    def backward(mode: str) -> None:
+        net, opt = built[mode]
         opt.zero_grad()
         net(xs).backward()
         dist.barrier()
-        if step == 1:
-            with torch.no_grad(), AllocationPeak() as tracker, CommCounter() as counter:
-                opt.step()
-            peak, sent, calls = tracker.peak, counter.bytes, counter.calls
-            continue
-        start = time.perf_counter()
-        opt.step()
-        if step > 1:
-            times.append(time.perf_counter() - start)
-    state = lo.distributed.state_bytes(opt)
-    return {
-        "state": state,
-        "peak": peak,
-        "total": state + peak,
-        "sent": sent,
-        "calls": calls,
-        "ms": 1e3 * statistics.median(times),
-        "bucket": _largest_bucket(opt) if mode.startswith("fsdp2") else 0,
-    }
+
+    rows: dict[str, dict[str, float]] = {}
+    for mode, (_, opt) in built.items():
+        backward(mode)
+        opt.step()  # the first step creates what later steps reuse
+        backward(mode)
+        with torch.no_grad(), AllocationPeak() as tracker, CommCounter() as counter:
+            opt.step()
+        rows[mode] = {"peak": tracker.peak, "sent": counter.bytes, "calls": counter.calls}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(steps):
+        for mode, (_, opt) in built.items():
+            backward(mode)
+            start = time.perf_counter()
+            opt.step()
+            times[mode].append(time.perf_counter() - start)
+    for mode, (_, opt) in built.items():
+        state = lo.distributed.state_bytes(opt)
+        rows[mode].update(
+            state=state,
+            total=state + rows[mode]["peak"],
+            ms=1e3 * statistics.median(times[mode]),
+            bucket=_largest_bucket(opt) if mode.startswith("fsdp2") else 0,
+        )
+    return rows
 
 
 def _free_port() -> int:
@@ -202,7 +211,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(worlds: list[int] = [2, 4], steps: int = 5) -> None:  # noqa: B006 (jsonargparse reads the signature)
+def main(worlds: list[int] = [2, 4], steps: int = 15) -> None:  # noqa: B006 (jsonargparse reads the signature)
     """Run every mode and rule on each world size of ``worlds``; print the table and the targets."""
     by_world: dict[int, list[dict[tuple[str, str], dict[str, float]]]] = {}
     for world in worlds:

@@ -35,6 +35,9 @@ DTensors, as FSDP2 does.
 
 from __future__ import annotations
 
+import itertools
+import time
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -67,6 +70,8 @@ __all__ = ["ALONE_BYTES", "FSDP2"]
 
 # A tensor this large is gathered by a collective of its own (bandwidth-bound anyway), without a copy.
 ALONE_BYTES = 2**20
+# The longest the step waits for the backend to let go of a finished collective's buffers.
+RELEASE_WAIT_S = 0.05
 
 State = MutableMapping[Tensor, dict[str, Any]]
 
@@ -343,6 +348,7 @@ class FSDP2(DistributedStrategy):
             if isinstance(base, DTensor):  # rows of W0^T are columns of A: this rank's share of them
                 rows, base = self._rows_of(rows, self.rank), base.to_local()
             part.copy_(base_products_from(*self._projected(pair, base, rows), partner))
+        whole.release()
 
     @staticmethod
     def _projected(pair: LoRAPair, base: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -471,7 +477,7 @@ class FSDP2(DistributedStrategy):
         )
         received = list(buffer.split(send.numel())) if buffer is not None else None
         work = dist.gather(send, received, group=self._shard_group, group_dst=owner, async_op=True)
-        return _Gather(work, send, buffer, [send.numel()], [t] if buffer is not None else [])
+        return _Gather(work, send, buffer, [send.numel()], [t] if buffer is not None else [], alone=True)
 
     def _packed(self, tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
         """This rank's shards of ``tensors`` (one dtype) end to end, each padded to its ``sizes`` entry."""
@@ -507,22 +513,19 @@ class FSDP2(DistributedStrategy):
 
     def _assembled(self, call: _Gather, k: int, into: Tensor | None = None) -> Tensor:
         """Tensor ``k`` of a completed gather, whole, from the ranks' rows in its receive buffer
-        (into ``into`` when given). The only tensor of a gather is the buffer itself: DTensor's
-        shards pad only at the end, so the ranks' padded pieces laid end to end are the whole."""
+        (into ``into`` when given). A tensor gathered alone is the buffer itself: DTensor's shards
+        pad only at the end, so the ranks' padded pieces laid end to end are the whole."""
         assert call.buffer is not None
         t = call.tensors[k]
-        if len(call.tensors) == 1 and into is None:
+        if call.alone and into is None:
             return call.buffer[: t.numel()].view(t.shape).to(t.device)
-        offset = sum(call.sizes[:k])
+        offset = call.offsets[k]
         row = t.numel() // max(t.shape[0], 1)
         pieces = call.buffer.view(self.shards, -1)
         parts = [pieces[j, offset : offset + self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
         if into is None:
             return torch.cat(parts).view(t.shape).to(t.device)
-        flat, start = into.view(-1), 0
-        for part in parts:
-            flat[start : start + part.numel()].copy_(part)
-            start += part.numel()
+        torch.cat(parts, out=into.view(-1))
         return into
 
     def _scatter(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
@@ -549,37 +552,68 @@ class FSDP2(DistributedStrategy):
         dtype: torch.dtype,
     ) -> None:
         """One ``all_to_all`` of the moved rows and Grams ``members`` (owner-ordered, one dtype)."""
-        device = comm_device(self._shard_group)
         sizes = [
             entries[k][BASIS_GRAM_KEY].numel() if is_gram else self._padded(sends[k][1]) for _, k, is_gram in members
         ]
-        mine = [(k, is_gram) for owner, k, is_gram in members if owner == self.rank]
-        mine_sizes = [size for (owner, _, _), size in zip(members, sizes) if owner == self.rank]
-        piece = sum(mine_sizes)  # what this rank sends each rank
-        send = torch.zeros(self.shards * piece, dtype=dtype, device=device)
-        for j, flat in enumerate(send.split(piece) if piece else []):
-            for (k, is_gram), part in zip(mine, flat.split(mine_sizes)):
-                whole = sends[k][2]
-                assert whole is not None  # this rank owns the pair
-                value = entries[k][BASIS_GRAM_KEY] if is_gram else self._rows_of(whole, j)
-                part[: value.numel()].copy_(value.reshape(-1))
+        mine = [(member, size) for member, size in zip(members, sizes) if member[0] == self.rank]
+        send = self._moved_rows(sends, entries, mine, dtype)
         received_splits = [
             sum(size for (owner, _, _), size in zip(members, sizes) if owner == j) for j in range(self.shards)
         ]
-        received = torch.empty(sum(received_splits), dtype=dtype, device=device)
+        received = torch.empty(sum(received_splits), dtype=dtype, device=send.device)
+        piece = send.numel() // self.shards
         dist.all_to_all_single(received, send, received_splits, [piece] * self.shards, group=self._shard_group)
+        buffers = [_release_flag(send), _release_flag(received)]
         del send
-        with torch.no_grad():
-            for (owner, k, is_gram), part in zip(members, received.split(sizes)):
-                if is_gram:
-                    if owner != self.rank:
-                        entry = entries[k]
-                        entry[BASIS_GRAM_KEY] = part.view_as(entry[BASIS_GRAM_KEY]).to(
-                            entry[BASIS_GRAM_KEY].device, copy=True
-                        )
-                    continue
-                local = _local(sends[k][1])
-                local.copy_(part[: local.numel()].view_as(local))
+        self._record_received(sends, entries, members, received.split(sizes))
+        del received
+        _await_release(buffers)  # before the next exchange's buffers exist
+
+    def _moved_rows(
+        self,
+        sends: Sequence[tuple[int, Tensor, Tensor | None]],
+        entries: Sequence[dict[str, Any]],
+        mine: Sequence[tuple[tuple[int, int, bool], int]],
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """What this rank sends each rank, end to end: the rows of each factor it moved (of
+        ``mine``, with their padded sizes) that the rank holds, and the new basis Grams."""
+        piece = sum(size for _, size in mine)
+        send = torch.zeros(self.shards * piece, dtype=dtype, device=comm_device(self._shard_group))
+        targets, values = [], []
+        for j, flat in enumerate(send.split(piece) if piece else []):
+            for ((_, k, is_gram), _), part in zip(mine, flat.split([size for _, size in mine])):
+                whole = sends[k][2]
+                assert whole is not None  # this rank owns the pair
+                value = entries[k][BASIS_GRAM_KEY] if is_gram else self._rows_of(whole, j)
+                targets.append(part[: value.numel()])
+                values.append(value.reshape(-1))
+        if targets:
+            torch._foreach_copy_(targets, values)
+        return send
+
+    def _record_received(
+        self,
+        sends: Sequence[tuple[int, Tensor, Tensor | None]],
+        entries: Sequence[dict[str, Any]],
+        members: Sequence[tuple[int, int, bool]],
+        pieces: Sequence[Tensor],
+    ) -> None:
+        """Each received piece into this rank's shard of its factor, or (a Gram from another owner)
+        into the factor's state entry, as a copy."""
+        locals_, parts = [], []
+        for (owner, k, is_gram), part in zip(members, pieces):
+            if is_gram:
+                if owner != self.rank:
+                    gram = entries[k][BASIS_GRAM_KEY]
+                    entries[k][BASIS_GRAM_KEY] = part.view_as(gram).to(gram.device, copy=True)
+                continue
+            local = _local(sends[k][1])
+            locals_.append(local)
+            parts.append(part[: local.numel()].view_as(local))
+        if locals_:
+            with torch.no_grad():
+                torch._foreach_copy_(locals_, parts)
 
 
 @dataclass
@@ -592,6 +626,10 @@ class _Gather:
     buffer: Tensor | None  # None: this rank receives nothing
     sizes: list[int]  # the padded piece of each tensor of ``tensors``
     tensors: list[Tensor]
+    alone: bool = False  # one tensor, whose whole copy is the buffer itself
+
+    def __post_init__(self) -> None:
+        self.offsets = [0, *itertools.accumulate(self.sizes)][:-1]  # of each piece in a rank's rows
 
 
 @dataclass
@@ -616,9 +654,13 @@ class _Gathering:
         while self.current is not None:
             call, self.current = self.current, None
             call.work.wait()
-            call.work = call.send = None  # the send buffer goes (the work held it too) before unpacking
+            sent = [_release_flag(call.send)]
+            call.work = call.send = None
+            _await_release(sent)  # the send buffer goes before anything is unpacked
             self.strategy._unpack(call, out, self.into)
-            del call  # and the receive buffer before the next collective's buffers exist
+            received = [] if call.alone else [_release_flag(call.buffer)]
+            del call
+            _await_release(received)  # and the receive buffer before the next collective's buffers exist
             self._next()
         self.into = {}
         return out
@@ -636,8 +678,35 @@ class _AllGathered:
         call, k = self.where[t]
         if call.work is not None:
             call.work.wait()
+            sent = [_release_flag(call.send)]
             call.work = call.send = None
+            _await_release(sent)
         return self.strategy._assembled(call, k)
+
+    def release(self) -> None:
+        """Drop the receive buffers, once no one holds them."""
+        received = [_release_flag(call.buffer) for call in {id(c): c for c, _ in self.where.values()}.values()]
+        self.where = {}
+        _await_release(received)
+
+
+def _release_flag(buffer: Tensor | None) -> list[bool]:
+    """A list that gets an element once ``buffer``'s memory is freed, by whoever holds it last."""
+    flag: list[bool] = []
+    if buffer is not None:
+        weakref.finalize(buffer.untyped_storage(), flag.append, True)
+    return flag
+
+
+def _await_release(flags: Sequence[list[bool]]) -> None:
+    """Return once every flag of :func:`_release_flag` is set, or after :data:`RELEASE_WAIT_S`.
+
+    gloo's worker thread keeps a completed collective, and the tensors it was given, for a moment
+    after ``wait()`` returns (up to a few milliseconds when ranks share cores): waiting for that
+    moment keeps the next buffers from coexisting with the last ones."""
+    deadline = time.perf_counter() + RELEASE_WAIT_S
+    while not all(flags) and time.perf_counter() < deadline:
+        time.sleep(0)
 
 
 def _local(t: Tensor) -> Tensor:
