@@ -41,7 +41,7 @@ class FactorView:
     """One factor of ``G`` pairs seen as coefficients ``C`` over the frozen bases ``F``.
 
     The Grams ``Gamma = F^T F`` and their damped inverses are computed once per step and reused by
-    rescaling, clipping and projection.
+    rescaling, clipping and projection. Read-only: ``basis`` may be the frozen factor itself.
     """
 
     side: Side

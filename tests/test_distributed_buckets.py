@@ -1,8 +1,9 @@
 """FSDP2 stepping bucket by bucket (2 gloo ranks).
 
-With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and scatters one
-bucket after another (the next one's gathers in flight): no more than one bucket's pairs are whole
-at once, the clip still sees every pair's norm, and the result is a single process's bit for bit.
+With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and sends back
+one bucket after another (the next one's first exchange in flight): no more than one bucket's
+pairs are whole at once, the clip still sees every pair's norm, and the result is a single
+process's bit for bit.
 A transactional step, which must be able to put everything back, runs as one bucket. The
 gathered gradients are dropped group by group once lifted, except under the sequential schedule,
 which lifts them again mid-step, and a clip on raw factor gradients, which reads them after. A

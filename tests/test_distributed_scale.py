@@ -7,7 +7,7 @@ Bit-identity needs gradients that every mode sums exactly: ranks 0 and 1 see the
 each global batch, ranks 2 and 3 a loss weighted 0 (gradients exactly 0). Any order of summing
 ``g0 + g1 + 0 + 0`` gives the same float, and the divisions by 4 are exact, so the reference (one
 process accumulating the four weighted micro-batches) has the same gradients as every mode, and
-any difference is the optimizer's own. Ownership, gathers and scatters run over all four ranks.
+any difference is the optimizer's own. Ownership and the exchanges run over all four ranks.
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ class _RecordingStrategy(lo.distributed.Replicated):
 @pytest.mark.parametrize("balance", [True, False])
 def test_only_the_factors_that_moved_travel(balance):
     """Both factors of a pair travel at its re-balancing steps (1, 2, 4, 8, 16, then every 16th),
-    only the active one at the others: what a sharded mode broadcasts or scatters."""
+    only the active one at the others: what a sharded mode broadcasts or sends back."""
     pair = make_pair(6, 5, 2, seed=3)
     strategy = _RecordingStrategy()
     opt = lo.LowRankWrapper(torch.optim.AdamW([pair.a, pair.b], lr=1e-2), [pair], distributed=strategy, balance=balance)

@@ -5,26 +5,29 @@ be split across its shards; instead each pair is owned by one rank of the shard 
 as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pairs`):
 
 1. the owned stepping pairs are cut into buckets of at most ``bucket_bytes`` of whole tensors per
-   rank (:meth:`FSDP2.buckets`); for each bucket in turn, the shards of its pairs' factors and
-   gradients (and, for a rule that reads it whole, the base weight ``W0``) are gathered to their
-   owners only, one ``gather`` per owner and dtype, the next bucket's gathers in flight while the
+   rank (:meth:`FSDP2.buckets`); for each bucket in turn, one ``all_to_all`` brings every owner
+   the shards of its pairs' factors (into one buffer, laid out so that the engine reads a group's
+   frozen factors as a stack in place) and a second one their gradients (and, for a rule that
+   reads it whole, the base weight ``W0``), the next bucket's first exchange in flight while the
    current one is computed (:meth:`FSDP2.bucketed`);
-2. the owner steps its pairs exactly as a single process would, on whole plain tensors; its
-   statistics are plain, whole tensors that live on it alone, as in the pair-sharded mode;
-3. after the step, the owner scatters the moved factor's rows back to their ranks, together with
-   its new ``r x r`` basis Gram, which every rank records (one ``scatter`` per owner and dtype
-   for every bucket).
+2. the owner steps its pairs exactly as a single process would, on whole plain tensors, freeing
+   each group's gathered gradients once lifted; its statistics are plain, whole tensors that
+   live on it alone, as in the pair-sharded mode;
+3. after the step, one ``all_to_all`` returns each moved factor's rows to their ranks, together
+   with its new ``r x r`` basis Gram, which every rank records.
 
 Per rank, statistics and step compute are those of about ``1 / world`` of the pairs, and in-step
-memory (whole factors, gradients and the step's temporaries) that of two buckets of them: they
-fall with the shard group's size, also when it exceeds ``r`` (a statistic shaped like ``A``
-(r, n) is never split by rows).
+memory (whole factors, gradients and the step's temporaries) that of about one bucket of them:
+they fall with the shard group's size, also when it exceeds ``r`` (a statistic shaped like
+``A`` (r, n) is never split by rows).
 Communication per step: ``r (m + n)`` elements of factors and as many of gradients per stepping
 pair in, ``r (m or n)`` plus ``r^2`` per moved factor out. A rule that reads ``W0`` only through
-``||W0||^2`` and ``<W0, B A>`` (LoFT-Adafactor) gets them reduced from the shards at the steps it
-asks for (:meth:`FSDP2.base_products`): ``r n`` elements per pair, never ``W0``; ``m n`` more per
-pair for a rule that reads ``W0`` whole. The finiteness verdict is one all-reduce over every rank; clipping adds one
-all-reduce over the shard group for the pairs and one for the other parameters.
+``||W0||^2`` and ``<W0, B A>`` (LoFT-Adafactor) gets them from the shards at the steps it asks
+for, before any bucket (:meth:`FSDP2.base_products`): ``r n`` elements per pair all-gathered and
+two numbers per pair all-reduced, never ``W0``; ``m n`` more per pair for a rule that reads
+``W0`` whole. The finiteness verdict is one all-reduce over every rank, left in flight until the
+step reads it (:meth:`FSDP2.settle`); clipping adds one all-reduce over the shard group for the
+pairs and one for the other parameters.
 
 HSDP (a 2-D mesh, ``(Replicate(), Shard(0))``): ownership is over the shard dimension; each
 replica computes the same steps on gradients that FSDP already averaged over the replicate
@@ -83,7 +86,9 @@ class FSDP2(DistributedStrategy):
         bucket_bytes: the most bytes of whole tensors (factors, gradients) of the pairs a rank
             steps at once: the step runs bucket by bucket, the next one gathered while the current
             one computes, unless it must run whole (``transactional=True``, or a rule that lets
-            the base optimizer move the factors). Also the largest payload of one ``scatter``.
+            the base optimizer move the factors). Also the most bytes of moved factors one
+            ``all_to_all`` sends back, and of partner factors one ``all_gather`` brings for the
+            base products.
         full_state_dict: ``state_dict()`` gathers every pair's statistics to every rank (see
             :class:`~lowrank_opt.distributed.PairSharded`); for flows that save one rank's state
             dict for all.
@@ -93,7 +98,7 @@ class FSDP2(DistributedStrategy):
     """
 
     replicated = False  # each pair is owned by one rank, assigned at construction
-    restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
+    restorable = False  # owners send the moved factors back after the step: a raising rank strands its peers
 
     def __init__(self, bucket_bytes: int = 25 * 2**20, *, full_state_dict: bool = False) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
@@ -184,8 +189,8 @@ class FSDP2(DistributedStrategy):
     def bucketed(
         self, pairs: Sequence[LoRAPair], state: State, with_bases: bool, buckets: Sequence[Sequence[int]]
     ) -> Generator[Materialised, None, None]:
-        """One bucket after another, whole on their owners; the next bucket's gathers are in flight
-        while the consumer computes on the current one, so at most two buckets are whole at once."""
+        """One bucket after another, whole on their owners; the next bucket's first exchange is in
+        flight while the consumer computes on the current one."""
         pending = self._start_gather(self._wanted(pairs, buckets[0], with_bases)) if buckets else None
         try:
             for k, bucket in enumerate(buckets):
@@ -197,7 +202,7 @@ class FSDP2(DistributedStrategy):
                     yield work
                 del whole
         finally:
-            if pending is not None:  # closed early (a verdict every rank shares): drain the gathers in flight
+            if pending is not None:  # closed early (a verdict every rank shares): drain the exchanges
                 pending.wait()
 
     def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
@@ -284,7 +289,7 @@ class FSDP2(DistributedStrategy):
             else:
                 sends.append((self.owners[i], work, None))
         grams = [state[getattr(pairs[i], side)] for i, side in moved]
-        self._scatter(sends, grams)
+        self._send_back(sends, grams)
 
     def base_products(self, pairs: Sequence[LoRAPair], due: Sequence[int]) -> dict[int, Tensor]:
         """``(||W0||^2, <W0, B A>)`` of the due pairs, from the shards of ``W0``: never gathered.
@@ -528,7 +533,7 @@ class FSDP2(DistributedStrategy):
         torch.cat(parts, out=into.view(-1))
         return into
 
-    def _scatter(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
+    def _send_back(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
         """Each moved factor's rows from its owner into every rank's shard, and its new basis Gram
         (``entries[k][BASIS_GRAM_KEY]``, ``r x r``) into every rank's state: one ``all_to_all``
         per dtype in each piece of at most ``bucket_bytes``, in which every owner sends each rank

@@ -102,7 +102,7 @@ class PairSharded(DistributedStrategy):
     """
 
     replicated = False  # each pair is owned by one rank, assigned at construction
-    restorable = False  # owners broadcast or scatter after the step: a raising rank strands its peers
+    restorable = False  # owners broadcast after the step: a raising rank strands its peers
 
     def __init__(
         self,
