@@ -400,7 +400,8 @@ class LowRankWrapper(Optimizer):
             coef = clip_coefficient(self._total_norm(local, others), self.max_grad_norm)
             scale_(others, coef)
         # From the factors before the step, for every bucket at once: no bucket is whole meanwhile.
-        due = base_products_due(steps_done(self.pairs, stepping, self.state), self.rule.base_products_every)
+        every = self.rule.base_products_every
+        due = base_products_due(steps_done(self.pairs, stepping, self.state), every) if every is not None else []
         products = self.distributed.base_products(self.pairs, due) if due else {}
         with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
             for k, work in enumerate(pieces):

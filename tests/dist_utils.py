@@ -140,6 +140,22 @@ def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def count_release_timeouts() -> list[int]:
+    """Count, from now on in this process, the times FSDP2 gave up waiting for a collective's
+    buffers to be freed (a reference kept by mistake makes every such wait time out)."""
+    from lowrank_opt.distributed import fsdp
+
+    timeouts = [0]
+    original = fsdp._await_release
+
+    def counted(flags: list[list[bool]]) -> None:
+        original(flags)
+        timeouts[0] += not all(flags)
+
+    fsdp._await_release = counted  # type: ignore[assignment]
+    return timeouts
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

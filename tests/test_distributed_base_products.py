@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from dist_utils import full_params, max_diff, spawn, train
+from dist_utils import count_release_timeouts, full_params, max_diff, spawn, train
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -84,6 +84,7 @@ def _worker(rank: int, world: int) -> dict:
         return gather(self, items)
 
     fsdp.FSDP2._start_gather = recording  # type: ignore[method-assign]
+    timeouts = count_release_timeouts()
     out: dict = {"diff": {}, "bases": {}, "sharded bases": {}}
     for every in (1, 2):
         net, opt = _build("single", every)
@@ -97,12 +98,14 @@ def _worker(rank: int, world: int) -> dict:
             out["diff"][mode, every] = max_diff(full_params(net), reference)
             out["bases"][mode, every] = bases & set(gathered)
             out["sharded bases"][mode] = [isinstance(pair.base_weight, DTensor) for pair in opt.pairs]
+    out["release timeouts"] = timeouts[0]
     return out
 
 
 def test_fsdp2_reduces_base_products_from_shards_and_matches_a_single_process():
     for result in spawn(_worker, 2):
         assert result["sharded bases"] == {"fsdp2": [True] * 3, "fsdp2-whole-bases": [False] * 3}
+        assert result["release timeouts"] == 0  # the partner factors' buffers went, also unread ones
         for key, diff in result["diff"].items():
             assert result["bases"][key] == set(), f"{key}: a base weight was gathered"
             assert diff < 1e-6, (key, diff)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from dist_utils import BASES as ALL_BASES
-from dist_utils import Net, full_params, local_batch, max_diff, spawn, train
+from dist_utils import Net, count_release_timeouts, full_params, local_batch, max_diff, spawn, train
 from torch import nn
 
 import lowrank_opt as lo
@@ -76,6 +76,7 @@ def _recording_gradients() -> list[bool]:
 def _worker(rank: int, world: int) -> dict:
     seen = _recording()
     held = _recording_gradients()
+    timeouts = count_release_timeouts()
     out: dict[str, Any] = {}
     for rule, clip in ((rule, clip) for rule in BASES for clip in (None, 0.05)):
         net, opt = _build(rule, "single", clip)
@@ -113,6 +114,7 @@ def _worker(rank: int, world: int) -> dict:
     held.clear()
     train(net, opt, range(STEPS), rank, world)
     out["raw clip"] = max_diff(full_params(net), reference), all(held)
+    out["release timeouts"] = timeouts[0]
     out["others only"] = _others_only(rank, world)
     out["nonfinite"] = _nonfinite(rank, world)
     return out
@@ -189,6 +191,11 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             # Transactional: one working set per step, every owned pair whole at once.
             assert len(whole["seen"]) == STEPS
             assert all(held == whole["owned"] for _, held in whole["seen"])
+
+
+def test_every_buffer_is_freed_before_the_next_is_allocated(results):
+    for result in results:
+        assert result["release timeouts"] == 0
 
 
 def test_the_sequential_schedule_steps_bucket_by_bucket_too(results):

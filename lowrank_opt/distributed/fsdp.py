@@ -689,17 +689,29 @@ class _AllGathered:
         return self.strategy._assembled(call, k)
 
     def release(self) -> None:
-        """Drop the receive buffers, once no one holds them."""
-        received = [_release_flag(call.buffer) for call in {id(c): c for c, _ in self.where.values()}.values()]
+        """Drop the buffers (waiting for a gather no one read), once no one else holds them."""
+        calls = list({id(call): call for call, _ in self.where.values()}.values())
+        _wait_all([call.work for call in calls if call.work is not None])
+        flags = [_release_flag(t) for call in calls for t in (call.send, call.buffer)]
         self.where = {}
-        _await_release(received)
+        del calls
+        _await_release(flags)
+
+
+def _wait_all(works: list[Any]) -> None:
+    """Wait for every work of ``works`` (in a frame of its own: no loop variable keeps one alive)."""
+    for work in works:
+        work.wait()
+    works.clear()
 
 
 def _release_flag(buffer: Tensor | None) -> list[bool]:
-    """A list that gets an element once ``buffer``'s memory is freed, by whoever holds it last."""
+    """A list that gets an element once ``buffer``'s memory is freed, by whoever holds it last
+    (at once for no buffer)."""
+    if buffer is None:
+        return [True]
     flag: list[bool] = []
-    if buffer is not None:
-        weakref.finalize(buffer.untyped_storage(), flag.append, True)
+    weakref.finalize(buffer.untyped_storage(), flag.append, True)
     return flag
 
 
