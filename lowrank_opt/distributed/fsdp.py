@@ -530,7 +530,10 @@ class FSDP2(DistributedStrategy):
         parts = [pieces[j, offset : offset + self._rows(t.shape[0], j)[1] * row] for j in range(self.shards)]
         if into is None:
             return torch.cat(parts).view(t.shape).to(t.device)
-        torch.cat(parts, out=into.view(-1))
+        if into.device == call.buffer.device:
+            torch.cat(parts, out=into.view(-1))
+        else:  # gloo's buffers are on the CPU
+            into.view(-1).copy_(torch.cat(parts))
         return into
 
     def _send_back(self, sends: Sequence[tuple[int, Tensor, Tensor | None]], entries: Sequence[dict[str, Any]]) -> None:
@@ -707,8 +710,9 @@ def _wait_all(works: list[Any]) -> None:
 
 def _release_flag(buffer: Tensor | None) -> list[bool]:
     """A list that gets an element once ``buffer``'s memory is freed, by whoever holds it last
-    (at once for no buffer)."""
-    if buffer is None:
+    (at once for no buffer, and for one on an accelerator: NCCL's buffers are reused in stream
+    order by the caching allocator, and its watchdog drops finished collectives on its own time)."""
+    if buffer is None or buffer.device.type != "cpu":
         return [True]
     flag: list[bool] = []
     weakref.finalize(buffer.untyped_storage(), flag.append, True)
