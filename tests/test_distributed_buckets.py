@@ -19,10 +19,12 @@ import pytest
 import torch
 from dist_utils import BASES as ALL_BASES
 from dist_utils import Net, count_release_timeouts, full_params, local_batch, max_diff, spawn, train
+from lowrank_opt_plugins.loft_adamw import LoFTAdamW
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import lowrank_opt as lo
-from lowrank_opt import wrapper
+from lowrank_opt import CalibrationRule, wrapper
 from lowrank_opt.distributed import fsdp
 
 pytestmark = pytest.mark.distributed
@@ -31,7 +33,22 @@ STEPS = 5
 BASES = {rule: ALL_BASES[rule] for rule in ("loft_adamw", "loft_adafactor")}  # (base optimizer, bias trains)
 
 
-def _build(rule: str, mode: str, clip: float | None = 0.05, **options: Any) -> tuple[nn.Module, lo.LowRankWrapper]:
+class ReadsBase(LoFTAdamW):
+    """LoFT-AdamW that reads ``W0`` whole, as a rule of one's own may: FSDP2 must gather it."""
+
+    reads_base_weight = True
+
+    def update(self, state, g_hat, view, ctx):  # type: ignore[no-untyped-def]
+        for pair, w in zip(view.pairs, view.base_matrices()):  # whole W0, in canonical orientation
+            m, n = pair.full_shape
+            assert w is not None and not isinstance(w, DTensor)
+            assert tuple(w.shape) == ((m, n) if view.side == "a" else (n, m)), (pair.name, w.shape)
+        return super().update(state, g_hat, view, ctx)
+
+
+def _build(
+    rule: str, mode: str, clip: float | None = 0.05, rule_object: CalibrationRule | None = None, **options: Any
+) -> tuple[nn.Module, lo.LowRankWrapper]:
     make_base, train_bias = BASES[rule]
     net: nn.Module = Net(train_bias)
     strategy: lo.distributed.DistributedStrategy = lo.distributed.Replicated(local=True)
@@ -43,7 +60,9 @@ def _build(rule: str, mode: str, clip: float | None = 0.05, **options: Any) -> t
         fully_shard(net)
         strategy = lo.distributed.FSDP2(bucket_bytes=300)
     base = make_base([p for p in net.parameters() if p.requires_grad])
-    return net, lo.LowRankWrapper(base, net, rule=rule, distributed=strategy, max_grad_norm=clip, **options)
+    return net, lo.LowRankWrapper(
+        base, net, rule=rule_object or rule, distributed=strategy, max_grad_norm=clip, **options
+    )
 
 
 def _recording() -> list[tuple[list[int] | None, list[int]]]:
@@ -114,6 +133,17 @@ def _worker(rank: int, world: int) -> dict:
     held.clear()
     train(net, opt, range(STEPS), rank, world)
     out["raw clip"] = max_diff(full_params(net), reference), all(held)
+    # A rule that reads W0 whole: the bases travel with the gradients, or alone from ALONE_BYTES on.
+    net, opt = _build("loft_adamw", "single", None, rule_object=ReadsBase())
+    train(net, opt, range(STEPS), micro_batches=world)
+    reference = full_params(net)
+    fsdp.ALONE_BYTES, default = 500, fsdp.ALONE_BYTES
+    try:
+        net, opt = _build("loft_adamw", "fsdp2", None, rule_object=ReadsBase())
+        train(net, opt, range(STEPS), rank, world)
+    finally:
+        fsdp.ALONE_BYTES = default
+    out["reads base"] = max_diff(full_params(net), reference)
     out["release timeouts"] = timeouts[0]
     out["others only"] = _others_only(rank, world)
     out["nonfinite"] = _nonfinite(rank, world)
@@ -191,6 +221,11 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             # Transactional: one working set per step, every owned pair whole at once.
             assert len(whole["seen"]) == STEPS
             assert all(held == whole["owned"] for _, held in whole["seen"])
+
+
+def test_a_rule_that_reads_the_base_weight_gets_it_whole_and_equals_a_single_process(results):
+    for result in results:
+        assert result["reads base"] == 0, result["reads base"]
 
 
 def test_every_buffer_is_freed_before_the_next_is_allocated(results):

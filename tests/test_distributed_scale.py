@@ -1,7 +1,6 @@
 """4 gloo ranks: owner-computes FSDP2 (1-D mesh of 4), HSDP (2 x 2 mesh) and pair-sharded against
 a single process, bit for bit. FSDP2 and HSDP use tiny buckets, so the step runs bucket by bucket
-(with the clip's first pass); FSDP2 gathers tensors of 512 bytes or more alone, so both ways of
-gathering run.
+(with the clip's first pass).
 
 Bit-identity needs gradients that every mode sums exactly: ranks 0 and 1 see the two halves of
 each global batch, ranks 2 and 3 a loss weighted 0 (gradients exactly 0). Any order of summing
@@ -18,7 +17,6 @@ from dist_utils import BASES, Net, full_params, identical_on_every_rank, local_b
 from torch import nn
 
 import lowrank_opt as lo
-from lowrank_opt.distributed import fsdp
 
 pytestmark = pytest.mark.distributed
 
@@ -70,8 +68,6 @@ def _worker(rank: int, world: int, names: list[str]) -> dict:
         reference = full_params(net)
         out["statistics"][name, "single"] = _statistics_bytes(opt)
         for mode in MODES:
-            # FSDP2: 256-byte buckets, and tensors of 512 bytes or more gathered alone, without a copy.
-            fsdp.ALONE_BYTES = 512 if mode == "fsdp2" else 2**20
             net, opt = _build(name, mode)
             _train(net, opt, [rank])
             params = full_params(net)

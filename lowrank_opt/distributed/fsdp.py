@@ -71,7 +71,7 @@ from .strategy import (
 
 __all__ = ["ALONE_BYTES", "FSDP2"]
 
-# A tensor this large is gathered by a collective of its own (bandwidth-bound anyway), without a copy.
+# A base weight this large is gathered by a collective of its own (bandwidth-bound anyway), without a copy.
 ALONE_BYTES = 2**20
 # The longest the step waits for the backend to let go of a finished collective's buffers.
 RELEASE_WAIT_S = 0.05
@@ -421,12 +421,15 @@ class FSDP2(DistributedStrategy):
         evenly spaced in one storage and the engine reads them as a stack without copying them
         (:func:`~lowrank_opt.engine.stacked`); the gradients (and small bases) follow, each into
         a tensor of its own, so that the step can free them group by group. Only one exchange's
-        buffers are alive at once. A tensor of at least :data:`ALONE_BYTES` is gathered on its
-        own, straight into its whole copy: no second copy of a large base weight."""
-        alone = [(owner, t) for owner, t in items if t.nbytes >= ALONE_BYTES]
+        buffers are alive at once. A base weight of at least :data:`ALONE_BYTES` is gathered on
+        its own, straight into its whole copy: no second copy of it."""
+
+        def alone(t: Tensor) -> bool:  # a frozen parameter: a base weight (gradients are not parameters)
+            return isinstance(t, nn.Parameter) and not t.requires_grad and t.nbytes >= ALONE_BYTES
+
         kinds = (
-            [(owner, t) for owner, t in items if t.nbytes < ALONE_BYTES and t.requires_grad],  # factors
-            [(owner, t) for owner, t in items if t.nbytes < ALONE_BYTES and not t.requires_grad],
+            [(owner, t) for owner, t in items if t.requires_grad],  # factors
+            [(owner, t) for owner, t in items if not t.requires_grad and not alone(t)],
         )
         plan: list[Callable[[], _Gather]] = []
         for kind in kinds:
@@ -434,7 +437,7 @@ class FSDP2(DistributedStrategy):
             for owner, t in kind:
                 by_dtype.setdefault(t.dtype, []).append((owner, t))
             plan += [partial(self._exchange, members) for members in by_dtype.values()]
-        plan += [partial(self._gather_alone, owner, t) for owner, t in alone]
+        plan += [partial(self._gather_alone, owner, t) for owner, t in items if alone(t)]
         return _Gathering(self, plan, self._factor_buffers([(o, t) for o, t in kinds[0]]))
 
     def _factor_buffers(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
