@@ -48,7 +48,7 @@ from .layout import (
     hidden_wrapper_keys,
 )
 from .linalg import compute_dtype, needs_pseudo_inverse, pseudo_inverse, transport
-from .pairs import LoRAPair
+from .pairs import LoRAPair, label
 from .rule import CalibrationRule, Context, StateKind, Switches
 from .schedule import Schedule
 from .views import SIDES, FactorView, Side, build_view, other_side, tangent_sq_norm
@@ -66,7 +66,6 @@ __all__ = [
     "lift_gradients",
     "clip_coefficient",
     "run_step",
-    "label",
     "balancing_due",
 ]
 
@@ -82,10 +81,6 @@ class StepConfig:
     switches: Switches
     full_space_clip: bool
     balance: bool = True
-
-
-def label(pair: LoRAPair, index: int) -> str:
-    return pair.name or f"pair {index}"
 
 
 def describe_gradients(

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .linalg import compute_dtype, gram
-from .pairs import LoRAPair
+from .pairs import LoRAPair, label
 from .rule import CalibrationRule, Context, Switches
 from .views import SIDES, Side, view_of
 
@@ -50,6 +50,7 @@ __all__ = [
     "without_sketches",
     "check_factors",
     "factor_matrix",
+    "coefficients_of",
     "basis_gram",
     "create_state",
     "hidden_wrapper_keys",
@@ -71,8 +72,8 @@ OWN_KEYS = (*WRAPPER_KEYS, SKETCH_KEY, STATS_FROM_KEY)  # every key the wrapper 
 def check_factors(pairs: Sequence[LoRAPair], group_of: Mapping[Tensor, Any]) -> None:
     """Both factors of every pair train and belong to the base optimizer (``group_of``: parameter -> group)."""
     for i, pair in enumerate(pairs):
+        name = label(pair, i)
         for side, factor in (("a", pair.a), ("b", pair.b)):
-            name = pair.name or f"pair {i}"
             if not factor.requires_grad:
                 raise ValueError(f"{name}: factor {side} does not require grad; both factors must train")
             if factor not in group_of:
@@ -82,6 +83,12 @@ def check_factors(pairs: Sequence[LoRAPair], group_of: Mapping[Tensor, Any]) -> 
 def factor_matrix(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:
     """A tensor shaped like factor ``side`` of ``pair`` seen as its matrix: ``(r, n)`` or ``(m, r)``."""
     return pair.matrix_a(t) if side == "a" else pair.matrix_b(t)
+
+
+def coefficients_of(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:
+    """A tensor shaped like factor ``side`` seen as its coefficients ``C`` (r, l): ``a``, or ``b^T``."""
+    matrix = factor_matrix(pair, side, t)
+    return matrix if side == "a" else matrix.transpose(-2, -1)
 
 
 def basis_gram(coeff: Tensor) -> Tensor:
@@ -111,18 +118,13 @@ def ensure_sketches(pairs: Sequence[LoRAPair], state: Mapping[Tensor, dict[str, 
         for side, param in zip(SIDES, (pair.a, pair.b)):
             entry = state[param]
             if SKETCH_KEY not in entry:
-                matrix = pair.matrix_a(param) if side == "a" else pair.matrix_b(param)
-                entry[SKETCH_KEY] = basis_sketch(_canonical(side, matrix))
+                entry[SKETCH_KEY] = basis_sketch(coefficients_of(pair, side, param))
 
 
 def without_sketches(state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with the in-memory sketches left out of every entry."""
     state = {k: {key: v for key, v in e.items() if key != SKETCH_KEY} for k, e in state_dict["state"].items()}
     return {**state_dict, "state": state}
-
-
-def _canonical(side: Side, matrix: Tensor) -> Tensor:
-    return matrix if side == "a" else matrix.transpose(-2, -1)
 
 
 @torch.no_grad()
@@ -175,10 +177,6 @@ class LoadPlan:
     factor_entries: dict[Tensor, dict[str, Any]]
 
 
-def _label(pair: LoRAPair, index: int) -> str:
-    return pair.name or f"pair {index}"
-
-
 def plan_load(
     state_dict: Mapping[str, Any],
     param_groups: Sequence[Mapping[str, Any]],
@@ -218,39 +216,37 @@ def plan_load(
     saved_state = state_dict["state"]
     entries: dict[Tensor, dict[str, Any]] = {}
     for index, pair in enumerate(pairs):
-        label = _label(pair, index)
+        name = label(pair, index)
         steps = []
         for side, factor in (("a", pair.a), ("b", pair.b)):
             entry = saved_state.get(saved_id[factor])
             if not isinstance(entry, Mapping) or any(key not in entry for key in WRAPPER_KEYS):
-                raise ValueError(f"state dict has no low-rank state for factor {side} of {label}")
+                raise ValueError(f"state dict has no low-rank state for factor {side} of {name}")
             r = pair.rank
             if tuple(entry[BASIS_GRAM_KEY].shape) != (r, r):
                 raise ValueError(
-                    f"{label}, factor {side}: saved {BASIS_GRAM_KEY} is {tuple(entry[BASIS_GRAM_KEY].shape)}, "
+                    f"{name}, factor {side}: saved {BASIS_GRAM_KEY} is {tuple(entry[BASIS_GRAM_KEY].shape)}, "
                     f"expected {(r, r)} (a checkpoint of another rank?)"
                 )
             if SKETCH_KEY in entry and tuple(entry[SKETCH_KEY].shape) != (r,):
                 raise ValueError(
-                    f"{label}, factor {side}: saved {SKETCH_KEY} is {tuple(entry[SKETCH_KEY].shape)}, expected {(r,)}"
+                    f"{name}, factor {side}: saved {SKETCH_KEY} is {tuple(entry[SKETCH_KEY].shape)}, expected {(r,)}"
                 )
             for key, value in live_state[factor].items():
                 if key in OWN_KEYS or not isinstance(value, Tensor):
                     continue
                 if key not in entry:
-                    raise ValueError(
-                        f"{label}, factor {side}: state dict lacks {key!r} (a checkpoint of another rule?)"
-                    )
+                    raise ValueError(f"{name}, factor {side}: state dict lacks {key!r} (a checkpoint of another rule?)")
                 if tuple(entry[key].shape) != tuple(value.shape):
                     raise ValueError(
-                        f"{label}, factor {side}: saved {key!r} is {tuple(entry[key].shape)}, expected {tuple(value.shape)}"
+                        f"{name}, factor {side}: saved {key!r} is {tuple(entry[key].shape)}, expected {tuple(value.shape)}"
                     )
             for key, value in entry.items():
                 if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"{label}, factor {side}: saved {key!r} is not finite")
+                    raise ValueError(f"{name}, factor {side}: saved {key!r} is not finite")
             steps.append(int(entry[STEP_KEY]))
             if steps[-1] < 0:
-                raise ValueError(f"{label}, factor {side}: saved {STEP_KEY} is {steps[-1]}, a count of steps")
+                raise ValueError(f"{name}, factor {side}: saved {STEP_KEY} is {steps[-1]}, a count of steps")
             keep = entry if owns(index) else {key: entry[key] for key in WRAPPER_KEYS}
             device = factor.device
             loaded = {
@@ -260,7 +256,7 @@ def plan_load(
             loaded[STEP_KEY] = torch.tensor(steps[-1], dtype=torch.int64)  # version 1 kept a float32 counter
             entries[factor] = loaded
         if steps[0] != steps[1]:
-            raise ValueError(f"{label}: the two factors' step counters differ in the state dict")
+            raise ValueError(f"{name}: the two factors' step counters differ in the state dict")
     factor_ids = {saved_id[f] for f in entries}
     base_state = {k: v for k, v in saved_state.items() if k not in factor_ids}
     return LoadPlan({"state": base_state, "param_groups": saved_groups}, entries)

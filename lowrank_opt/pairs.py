@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .quantized import dequantized, logical_shape, project_rows
 
 __all__ = [
+    "label",
     "base_products_from",
     "new_pairs_among",
     "LoRAPair",
@@ -339,8 +340,8 @@ def find_lora_pairs(
             elif isinstance(module, HasLoRAPairs):
                 for pair in module.lora_pairs():
                     if pair.a.requires_grad or pair.b.requires_grad:
-                        label = pair.name or name or type(module).__name__
-                        found.append(replace(pair, name=label))
+                        named = pair.name or name or type(module).__name__
+                        found.append(replace(pair, name=named))
         if refused and unsupported == "error":
             raise ValueError(
                 "LoRA layers that cannot be lifted (pass unsupported='base' to train them with the base "
@@ -367,11 +368,15 @@ def find_lora_pairs(
     owner: dict[Tensor, str] = {}
     for i, pair in enumerate(pairs):
         for factor in (pair.a, pair.b):
-            label = pair.name or f"pair {i}"
             if factor in owner:
-                raise ValueError(f"a factor of {label} is already in {owner[factor]}")
-            owner[factor] = label
+                raise ValueError(f"a factor of {label(pair, i)} is already in {owner[factor]}")
+            owner[factor] = label(pair, i)
     return pairs
+
+
+def label(pair: LoRAPair, index: int) -> str:
+    """How messages name pair ``index``: its name, else its position."""
+    return pair.name or f"pair {index}"
 
 
 def base_products_from(sq_norm: Tensor, projected: Tensor, partner: Tensor) -> Tensor:

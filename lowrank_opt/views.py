@@ -58,9 +58,12 @@ class FactorView:
         """True when the canonical full space is ``W^T`` (the ``b`` side)."""
         return self.side == "b"
 
-    def transient_elements(self) -> int:
-        """The most elements one transient block of this factor's step may hold
-        (:func:`~lowrank_opt.linalg.transient_elements` of the basis and coefficients)."""
+    def transient_elements(self, given: int | None = None) -> int:
+        """The most elements one transient block of this factor's step may hold: ``given`` (a
+        rule's setting) when not None, else :func:`~lowrank_opt.linalg.transient_elements` of the
+        basis and coefficients."""
+        if given is not None:
+            return given
         return transient_elements(self.basis.numel() + self.coeff.numel(), self.basis.device)
 
     def canonical(self, t: Tensor) -> Tensor:

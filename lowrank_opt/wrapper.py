@@ -299,7 +299,7 @@ class LowRankWrapper(Optimizer):
         return steps_done(work.pairs, covered, work.state)
 
     def _groups(self, work: Materialised, done: dict[int, int]) -> list[Group]:
-        """The groups (with ``g_hat``) of the pairs of ``done`` that this rank owns."""
+        """The groups of the pairs of ``done`` that this rank owns (views built, gradients not lifted yet)."""
         owned = {i: steps for i, steps in done.items() if self.distributed.owns(i)}
         groups = form_groups(work.pairs, owned, self._working_groups(work), self.config, work.state)
         # Hyperparameters may change after construction (a scheduler, a user): refuse what the rule

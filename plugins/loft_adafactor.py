@@ -158,7 +158,7 @@ class LoFTAdafactor(CalibrationRule):
         """``Gamma^-1 F^T U / s`` and ``||U||^2`` (G,) with torch's clamp, over blocks of columns."""
         f, s = view.basis, view.scale
         members, k, l = f.shape[0], f.shape[1], g.shape[-1]
-        budget = self.block_elements if self.block_elements is not None else view.transient_elements()
+        budget = view.transient_elements(self.block_elements)
         block = max(1, min(l, budget // max(members * k, 1)))
         out = torch.empty_like(g)
         sq_norm = torch.zeros(members, dtype=g.dtype, device=g.device)

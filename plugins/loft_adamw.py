@@ -131,20 +131,18 @@ class ExactSecondMoment:
         r, l = view.coeff.shape[-2:]
         return {"exp_avg_sq": _zeros(view, l, r * (r + 1) // 2)}
 
-    def elements(self, view: FactorView) -> int:
-        """Transient budget: ``block_elements`` if given, else the view's (a multiple of its factors' size)."""
-        return self.block_elements if self.block_elements is not None else view.transient_elements()
-
     def observe(self, state: dict[str, Tensor], g: Tensor, view: FactorView, beta2: float, eps: float) -> None:
         g_count, r = g.shape[0], g.shape[-2]
-        block = max(1, self.elements(view) // (g_count * r * (r + 1) // 2))
+        block = max(1, view.transient_elements(self.block_elements) // (g_count * r * (r + 1) // 2))
         ema_packed_outer_(state["exp_avg_sq"], g, triu_indices(r, g.device), beta2, block)
 
     def direction(
         self, state: dict[str, Tensor], view: FactorView, m_hat: Tensor, bc2: Tensor, eps: float, floor: Tensor | None
     ) -> Tensor:
         rows = quadratic_form_rows(view.basis, triu_indices(view.basis.shape[-1], view.basis.device))  # (G, k, P)
-        return projected_direction(view, m_hat, rows, state["exp_avg_sq"], bc2, eps, floor, self.elements(view))
+        return projected_direction(
+            view, m_hat, rows, state["exp_avg_sq"], bc2, eps, floor, view.transient_elements(self.block_elements)
+        )
 
     def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
         """``diag(Q_j)`` as ``(G, r, l)``."""
@@ -173,7 +171,9 @@ class DiagonalSecondMoment(ExactSecondMoment):
     ) -> Tensor:
         stats = view.canonical(state["exp_avg_sq"]).transpose(-2, -1)  # (G, l, r)
         f = view.basis
-        return projected_direction(view, m_hat, f * f, stats, bc2, eps, None, self.elements(view))
+        return projected_direction(
+            view, m_hat, f * f, stats, bc2, eps, None, view.transient_elements(self.block_elements)
+        )
 
     def coefficient_second_moment(self, state: dict[str, Tensor], view: FactorView) -> Tensor:
         return view.canonical(state["exp_avg_sq"]).to(view.gram.dtype)

@@ -86,3 +86,14 @@ def step_with_reference(ref, opt: torch.optim.Optimizer, pair: lo.LoRAPair, loss
     opt.zero_grad()
     loss_fn(full_weight(pair)).backward()
     opt.step()
+
+
+def save_tiny_llama(path: Path, **config: int) -> Path:
+    """A random one-layer Llama with two heads, seeded, saved with ``save_pretrained`` at ``path``;
+    ``config``: the sizes and token ids of ``transformers.LlamaConfig``."""
+    import transformers
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, **config)
+    transformers.LlamaForCausalLM(llama).save_pretrained(path)
+    return path

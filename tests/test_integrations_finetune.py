@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -37,21 +38,8 @@ def tiny_llama(tmp_path_factory) -> Path:
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.save_pretrained(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    sizes = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "max_position_embeddings": 32}
+    return save_tiny_llama(path, **sizes, pad_token_id=1, bos_token_id=2, eos_token_id=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import save_tiny_llama
 from torch import nn
 
 import lowrank_opt as lo
@@ -423,19 +424,8 @@ def test_an_eval_forward_repacks_a_4bit_base_and_every_rule_still_reads_it():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A tiny random Llama saved with ``save_pretrained`` (hidden size 64: whole quantization blocks)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    pytest.importorskip("transformers")
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), vocab_size=64, hidden_size=64, intermediate_size=128)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])

@@ -88,17 +88,22 @@ def test_nonfinite_raise_names_the_parameter_that_is_not_a_factor():
     assert _unchanged(before, _everything(model, opt))
 
 
-def test_a_base_step_that_raises_restores_everything():
-    """A wrong-shape state entry of a non-LoRA parameter makes AdamW's own step raise after the
-    factors moved: the step is undone whole."""
-    model, opt = _trained(lambda p: torch.optim.AdamW(p, lr=1e-2))
+def _base_step_raises(**options) -> tuple[list[Tensor], list[Tensor]]:
+    """Everything before and after a step in which a wrong-shape state entry of a non-LoRA
+    parameter makes AdamW's own step raise, after the factors moved."""
+    model, opt = _trained(lambda p: torch.optim.AdamW(p, lr=1e-2), **options)
     opt.state[model[2].weight]["exp_avg"] = torch.zeros(5)
     opt.zero_grad()
     _backward(model, 5)
     before = _everything(model, opt)
     with pytest.raises(RuntimeError):
         opt.step()
-    assert _unchanged(before, _everything(model, opt))
+    return before, _everything(model, opt)
+
+
+def test_a_base_step_that_raises_restores_everything():
+    """The step is undone whole."""
+    assert _unchanged(*_base_step_raises())
 
 
 def test_an_undeclared_state_key_of_the_generic_rule_restores_everything():
@@ -333,14 +338,7 @@ def test_bias_corrections_start_again_with_statistics_reset_by_an_outside_change
 
 
 def test_a_non_transactional_step_takes_no_copy_and_leaves_a_failed_step_half_done():
-    model, opt = _trained(lambda p: torch.optim.AdamW(p, lr=1e-2), transactional=False)
-    opt.state[model[2].weight]["exp_avg"] = torch.zeros(5)
-    opt.zero_grad()
-    _backward(model, 5)
-    before = _everything(model, opt)
-    with pytest.raises(RuntimeError):
-        opt.step()
-    assert not _unchanged(before, _everything(model, opt))  # the factors moved before AdamW's step raised
+    assert not _unchanged(*_base_step_raises(transactional=False))  # the factors moved before AdamW's step raised
 
 
 def test_transactional_follows_the_strategy_unless_given():

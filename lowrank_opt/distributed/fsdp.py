@@ -57,7 +57,7 @@ from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair, base_products_from
 from ..quantized import project_rows
 from ..rule import CalibrationRule
-from ..views import SIDES
+from ..views import SIDES, Side
 from .sharded import assign_pairs, pair_costs
 from .strategy import (
     DistributedStrategy,
@@ -278,8 +278,8 @@ class FSDP2(DistributedStrategy):
             shadow = self._working[factor] = nn.Parameter(torch.empty(0, dtype=factor.dtype, device=factor.device))
         return shadow
 
-    def record_moved(self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, str]], state: State) -> None:
-        """Scatter each moved factor's rows from its owner, with its new basis Gram, bucketed."""
+    def record_moved(self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, Side]], state: State) -> None:
+        """Send each moved factor's rows back from its owner, with its new basis Gram (:meth:`_send_back`)."""
         originals = {shadow: factor for factor, shadow in self._shadows.items()}
         sends: list[tuple[int, Tensor, Tensor | None]] = []  # (owner, original DTensor, whole on the owner)
         for i, side in moved:
@@ -300,18 +300,18 @@ class FSDP2(DistributedStrategy):
         (its own rows of ``B``; rows of ``A^T`` for ``W0^T``, and for a base that is not a DTensor
         the owner reads it whole) and dots the ``(r, cols)`` result with the whole ``P``, in
         float64; one all-reduce sums the two numbers of every pair, in flight until the step
-        settles. The factors a rank lacks
-        (``A``, and ``B`` too for ``W0^T`` or a whole base: ``r (m + n)`` elements at most per
-        pair) are all-gathered one owner's pairs at a time, in chunks of at most ``bucket_bytes``
-        (a rank holds about its own share of them at once), before any bucket of the step is whole.
+        settles. The factors a rank lacks (``A``, and ``B`` too for ``W0^T`` or a whole base:
+        ``r (m + n)`` elements at most per pair) are all-gathered one owner's pairs at a time, in
+        chunks of at most ``bucket_bytes`` (a rank holds about its own share of them at once),
+        before any bucket of the step is whole.
         """
+
+        def nbytes(i: int) -> int:
+            return sum(f.nbytes for f in self._base_partners(pairs[i]))
+
         chunks = []
         for owner in range(self.shards):
             owned = [i for i in due if self.owners[i] == owner and pairs[i].base_weight is not None]
-
-            def nbytes(i: int) -> int:
-                return sum(f.nbytes for f in self._base_partners(pairs[i]))
-
             chunks += [(owner, chunk) for chunk in fill_buckets(owned, nbytes, self.bucket_bytes)]
         order = [i for _, chunk in chunks for i in chunk]
         partials = torch.zeros(len(order), 2, dtype=torch.float64, device=comm_device(self._shard_group))
@@ -337,15 +337,15 @@ class FSDP2(DistributedStrategy):
         for i in indices:  # this rank's rows of B run along its rows of W0: nothing to wait for
             pair = pairs[i]
             if isinstance(pair.base_weight, DTensor) and not pair.base_transposed:
-                rows = pair.matrix_b(_local(pair.b).detach()).double()
+                rows = pair.base_row_factors(_local(pair.a).detach(), _local(pair.b).detach())[0]
                 projected[i] = self._projected(pair, pair.base_weight.to_local(), rows)
         for i, part in zip(indices, out):
             pair = pairs[i]
             base = pair.base_weight
             assert base is not None
             if i in projected:
-                sq_norm, rows_w0 = projected.pop(i)
-                part.copy_(base_products_from(sq_norm, rows_w0, pair.matrix_a(whole[pair.a]).double()))
+                partner = pair.base_row_factors(whole[pair.a], _local(pair.b).detach())[1]
+                part.copy_(base_products_from(*projected.pop(i), partner))
                 continue
             if not isinstance(base, DTensor) and owner != self.rank:  # a whole base is read by its owner alone
                 continue
@@ -642,6 +642,22 @@ class _Gather:
     def __post_init__(self) -> None:
         self.offsets = [0, *itertools.accumulate(self.sizes)][:-1]  # of each piece in a rank's rows
 
+    def finish(self) -> None:
+        """Wait for the collective (once), then drop the send buffer, once no one else holds it."""
+        if self.work is None:
+            return
+        self.work.wait()
+        sent = [_release_flag(self.send)]
+        self.work = self.send = None
+        _await_release(sent)
+
+    def release(self) -> list[bool]:
+        """Finish, then let go of the receive buffer: the flag of its release (:func:`_release_flag`)."""
+        self.finish()
+        flag = _release_flag(self.buffer)
+        self.buffer = None
+        return flag
+
 
 @dataclass
 class _Gathering:
@@ -664,14 +680,11 @@ class _Gathering:
         out: dict[Tensor, Tensor] = {}
         while self.current is not None:
             call, self.current = self.current, None
-            call.work.wait()
-            sent = [_release_flag(call.send)]
-            call.work = call.send = None
-            _await_release(sent)  # the send buffer goes before anything is unpacked
+            call.finish()  # the send buffer goes before anything is unpacked
             self.strategy._unpack(call, out, self.into)
-            received = [] if call.alone else [_release_flag(call.buffer)]
+            if not call.alone:  # a tensor gathered alone is its buffer
+                _await_release([call.release()])  # which goes before the next collective's buffers exist
             del call
-            _await_release(received)  # and the receive buffer before the next collective's buffers exist
             self._next()
         self.into = {}
         return out
@@ -687,28 +700,14 @@ class _AllGathered:
 
     def __getitem__(self, t: Tensor) -> Tensor:
         call, k = self.where[t]
-        if call.work is not None:
-            call.work.wait()
-            sent = [_release_flag(call.send)]
-            call.work = call.send = None
-            _await_release(sent)
+        call.finish()
         return self.strategy._assembled(call, k)
 
     def release(self) -> None:
         """Drop the buffers (waiting for a gather no one read), once no one else holds them."""
-        calls = list({id(call): call for call, _ in self.where.values()}.values())
-        _wait_all([call.work for call in calls if call.work is not None])
-        flags = [_release_flag(t) for call in calls for t in (call.send, call.buffer)]
+        flags = [call.release() for call in {id(call): call for call, _ in self.where.values()}.values()]
         self.where = {}
-        del calls
         _await_release(flags)
-
-
-def _wait_all(works: list[Any]) -> None:
-    """Wait for every work of ``works`` (in a frame of its own: no loop variable keeps one alive)."""
-    for work in works:
-        work.wait()
-    works.clear()
 
 
 def _release_flag(buffer: Tensor | None) -> list[bool]:

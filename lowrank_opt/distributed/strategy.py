@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..engine import finite_flags, label
-from ..layout import BASIS_GRAM_KEY, SKETCH_KEY, WRAPPER_KEYS, basis_gram, basis_sketch
-from ..pairs import LoRAPair
+from ..engine import finite_flags
+from ..layout import BASIS_GRAM_KEY, SKETCH_KEY, WRAPPER_KEYS, basis_gram, basis_sketch, coefficients_of
+from ..pairs import LoRAPair, label
 from ..rule import CalibrationRule
+from ..views import Side
 
 T = TypeVar("T")
 
@@ -178,7 +179,10 @@ class DistributedStrategy:
         """After the step: ``(pair index, factor)`` of every factor that moved, in the same order on every rank."""
 
     def record_moved(
-        self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, str]], state: MutableMapping[Tensor, dict[str, Any]]
+        self,
+        pairs: Sequence[LoRAPair],
+        moved: Sequence[tuple[int, Side]],
+        state: MutableMapping[Tensor, dict[str, Any]],
     ) -> None:
         """After :meth:`publish`: record the new basis Gram ``C C^T`` of every moved factor
         (``(pair index, "a" or "b")``) of a pair this rank does not own; the owner recorded it as
@@ -186,9 +190,9 @@ class DistributedStrategy:
         for i, side in moved:
             if self.owns(i):
                 continue
-            pair = pairs[i]
-            matrix = pair.matrix_a(pair.a) if side == "a" else pair.matrix_b(pair.b).T
-            entry = state[getattr(pair, side)]
+            factor = getattr(pairs[i], side)
+            matrix = coefficients_of(pairs[i], side, factor)
+            entry = state[factor]
             entry[BASIS_GRAM_KEY] = basis_gram(matrix)
             if SKETCH_KEY in entry:
                 entry[SKETCH_KEY] = basis_sketch(matrix)
