@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from typing import Any, Literal
 
@@ -293,9 +293,12 @@ class LowRankWrapper(Optimizer):
             post_hook(self)
 
     # ------------------------------------------------------------------ step
-    def _done(self, work: Materialised) -> dict[int, int]:
-        """Steps taken by every pair the piece ``work`` covers."""
+    def _done(self, work: Materialised, known: Mapping[int, int] | None = None) -> dict[int, int]:
+        """Steps taken by every pair the piece ``work`` covers, from ``known`` (read at the start
+        of the step: a bucket moves only its own pairs' counters) or read now."""
         covered = stepping_pairs(work.pairs) if work.indices is None else work.indices
+        if known is not None:
+            return {i: known[i] for i in covered}
         return steps_done(work.pairs, covered, work.state)
 
     def _groups(self, work: Materialised, done: dict[int, int]) -> list[Group]:
@@ -375,6 +378,7 @@ class LowRankWrapper(Optimizer):
         factor_grads = [f.grad for i in stepping for f in (self.pairs[i].a, self.pairs[i].b)]
         # Agreed over ranks now, read at the first check (one host sync with the Gram checks).
         unchecked = self.distributed.finite_flags(factor_grads + others)  # type: ignore[arg-type]
+        done_before = steps_done(self.pairs, stepping, self.state)  # one host transfer for the whole step
         with_bases = self.rule.reads_base_weight
         # A snapshot, or a base optimizer that moves the factors in its one step(), needs the whole
         # step at once; otherwise the strategy may cut it into buckets computed one after another.
@@ -389,7 +393,7 @@ class LowRankWrapper(Optimizer):
             local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
             with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
                 for work in pieces:
-                    groups = self._groups(work, self._done(work))
+                    groups = self._groups(work, self._done(work, done_before))
                     self.distributed.settle()
                     bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
                     unchecked = unchecked[:0]
@@ -401,11 +405,11 @@ class LowRankWrapper(Optimizer):
             scale_(others, coef)
         # From the factors before the step, for every bucket at once: no bucket is whole meanwhile.
         every = self.rule.base_products_every
-        due = base_products_due(steps_done(self.pairs, stepping, self.state), every) if every is not None else []
+        due = base_products_due(done_before, every) if every is not None else []
         products = self.distributed.base_products(self.pairs, due) if due else {}
         with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
             for k, work in enumerate(pieces):
-                done = self._done(work)
+                done = self._done(work, done_before)
                 groups = self._groups(work, done)
                 if self.distributed.replicated:  # every rank holds every factor: sketches are cheap
                     ensure_sketches(work.pairs, work.state)
