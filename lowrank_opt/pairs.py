@@ -139,10 +139,11 @@ class LoRAPair:
         return base_products_from(sq_norm, projected, partner)
 
     def base_row_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``, in float64:
-        ``R`` runs along the stored rows of ``W0`` (``b`` or ``a^T``), ``P`` is the other one."""
-        a, b = self.matrix_a(a).double(), self.matrix_b(b).double()
-        return (a.T, b.T) if self.base_transposed else (b, a)
+        """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``: ``R`` runs
+        along the stored rows of ``W0`` (``b`` or ``a^T``), in float64; ``P`` is the other one, in
+        its own dtype (its products with the float64 ``R^T W0`` are float64 all the same)."""
+        a, b = self.matrix_a(a), self.matrix_b(b)
+        return (a.T.double(), b.T) if self.base_transposed else (b.double(), a)
 
 
 def _describe(x: object) -> str:
