@@ -3,7 +3,8 @@
 With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and sends back
 one bucket after another (the next one's first exchange in flight): no more than one bucket's
 pairs are whole at once, the clip still sees every pair's norm, and the result is a single
-process's bit for bit.
+process's bit for bit. Same-shape factors assembled in one copy per run give what assembling them
+one by one gives.
 A transactional step, which must be able to put everything back, runs as one bucket. The
 gathered gradients are dropped group by group once lifted, except under the sequential schedule,
 which lifts them again mid-step, and a clip on raw factor gradients, which reads them after. A
@@ -63,6 +64,65 @@ def _build(
     return net, lo.LowRankWrapper(
         base, net, rule=rule_object or rule, distributed=strategy, max_grad_norm=clip, **options
     )
+
+
+class Repeated(nn.Module):
+    """LoRA layers of repeated shapes: on 2 ranks the factors of rank 2 split evenly, so an owner
+    of two same-shape pairs assembles their factors in one copy per run; those of rank 3 do not."""
+
+    WIDTHS = [(6, 8, 2), (8, 8, 2), (8, 8, 2), (8, 8, 2), (8, 8, 3), (8, 8, 3), (8, 3, 2)]  # (in, out, r)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(lo.LoRALinear(nn.Linear(i, o), r, alpha=2 * r) for i, o, r in self.WIDTHS)
+        for layer in self.layers:
+            layer.base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def _repeated() -> tuple[nn.Module, lo.LowRankWrapper]:
+    from torch.distributed.fsdp import fully_shard
+
+    net = Repeated()
+    for layer in net.layers:
+        fully_shard(layer)
+    fully_shard(net)
+    base = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    return net, lo.LowRankWrapper(base, net, rule="loft_adamw", distributed=lo.distributed.FSDP2())
+
+
+def _runs(rank: int, world: int) -> tuple[float, list[int]]:
+    """FSDP2 on :class:`Repeated` with the factors assembled one by one, then by runs: the
+    difference, and the length of every run this rank assembled in one copy. (Against a single
+    process the groups differ, three same-shape pairs in one against two and one, and batched
+    kernels need not round alike for different batch sizes.)"""
+    one_by_one = fsdp.FSDP2._run_end
+    fsdp.FSDP2._run_end = lambda self, call, start, into: start + 1  # type: ignore[method-assign]
+    try:
+        net, opt = _repeated()
+        train(net, opt, range(STEPS), rank, world)
+    finally:
+        fsdp.FSDP2._run_end = one_by_one  # type: ignore[method-assign]
+    reference = full_params(net)
+    runs: list[int] = []
+    in_one_copy = fsdp.FSDP2._assembled_run
+
+    def counted(self, call, start, end, into):  # type: ignore[no-untyped-def]
+        runs.append(end - start)
+        return in_one_copy(self, call, start, end, into)
+
+    fsdp.FSDP2._assembled_run = counted  # type: ignore[method-assign]
+    try:
+        net, opt = _repeated()
+        train(net, opt, range(STEPS), rank, world)
+    finally:
+        fsdp.FSDP2._assembled_run = in_one_copy  # type: ignore[method-assign]
+    return max_diff(full_params(net), reference), runs
 
 
 def _recording() -> list[tuple[list[int] | None, list[int]]]:
@@ -144,6 +204,7 @@ def _worker(rank: int, world: int) -> dict:
     finally:
         fsdp.ALONE_BYTES = default
     out["reads base"] = max_diff(full_params(net), reference)
+    out["runs"] = _runs(rank, world)
     out["release timeouts"] = timeouts[0]
     out["others only"] = _others_only(rank, world)
     out["nonfinite"] = _nonfinite(rank, world)
@@ -221,6 +282,14 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             # Transactional: one working set per step, every owned pair whole at once.
             assert len(whole["seen"]) == STEPS
             assert all(held == whole["owned"] for _, held in whole["seen"])
+
+
+def test_factors_of_one_shape_are_assembled_in_one_copy_as_they_would_be_one_by_one(results):
+    for result in results:
+        diff, _ = result["runs"]
+        assert diff == 0, diff
+    # The owner of two of the three (8, 8) pairs of rank 2 assembles each side's pair of factors at once.
+    assert any(length >= 2 for result in results for length in result["runs"][1]), [r["runs"] for r in results]
 
 
 def test_a_rule_that_reads_the_base_weight_gets_it_whole_and_equals_a_single_process(results):

@@ -7,7 +7,8 @@ as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pa
 1. the owned stepping pairs are cut into buckets of at most ``bucket_bytes`` of whole tensors per
    rank (:meth:`FSDP2.buckets`); for each bucket in turn, one ``all_to_all`` brings every owner
    the shards of its pairs' factors (into one buffer, laid out so that the engine reads a group's
-   frozen factors as a stack in place) and a second one their gradients (and, for a rule that
+   frozen factors as a stack in place, and assembled there one copy per run of same-shape
+   factors: :meth:`FSDP2._unpack`) and a second one their gradients (and, for a rule that
    reads it whole, the base weight ``W0``), the next bucket's first exchange in flight while the
    current one is computed (:meth:`FSDP2.bucketed`);
 2. the owner steps its pairs exactly as a single process would, on whole plain tensors, freeing
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -112,6 +114,7 @@ class FSDP2(DistributedStrategy):
         self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
         self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
         self._work_state: dict[Tensor, dict[str, Any]] = {}
+        self._work_pairs: dict[LoRAPair, tuple[Tensor | None, LoRAPair]] = {}  # pair -> (base, its working pair)
         self._pending: list[Any] = []  # collectives in flight until settle()
 
     def __repr__(self) -> str:
@@ -208,7 +211,8 @@ class FSDP2(DistributedStrategy):
     def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
         """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole: the factors first,
         by side, then shape, then index, so that the factors the step groups together land side by
-        side (:meth:`_start_gather`); then gradients and bases."""
+        side (:meth:`_start_gather`) and are assembled in one copy (:meth:`_unpack`); then
+        gradients and bases."""
         factors = sorted((side, pairs[i].full_shape, pairs[i].rank, i) for i in indices for side in SIDES)
         items = [(self.owners[i], getattr(pairs[i], side)) for side, _, _, i in factors]
         items = [(owner, t) for owner, t in items if isinstance(t, DTensor)]
@@ -238,7 +242,7 @@ class FSDP2(DistributedStrategy):
                     shadows[factor] = shadow
                 a, b = shadows[pair.a], shadows[pair.b]
             base = whole.get(pair.base_weight, pair.base_weight) if pair.base_weight is not None else None
-            work_pairs.append(replace(pair, a=a, b=b, base_weight=base) if a is not pair.a else pair)
+            work_pairs.append(self._work_pair(pair, base) if a is not pair.a else pair)
         whole.clear()
         # Working and original factors share one state entry: the statistics are the owner's plain
         # tensors. The dict and the working factors are the same objects at every step, so the
@@ -262,6 +266,15 @@ class FSDP2(DistributedStrategy):
                 shadow.data = shadow.data.new_empty(0)
             work_state.clear()
             self._shadows = {}
+
+    def _work_pair(self, pair: LoRAPair, base: Tensor | None) -> LoRAPair:
+        """``pair`` with its working factors and ``base``: the same object at every step while
+        ``base`` is, so that it is built (and checked) once."""
+        kept = self._work_pairs.get(pair)
+        if kept is None or kept[0] is not base:
+            a, b = self._shadow_of(pair.a), self._shadow_of(pair.b)
+            kept = self._work_pairs[pair] = (base, replace(pair, a=a, b=b, base_weight=base))
+        return kept[1]
 
     def release_gradients(self, factors: Sequence[Tensor]) -> None:
         """Drop the gathered whole gradients of these working factors: ``step()`` reads ``g_hat``
@@ -513,11 +526,48 @@ class FSDP2(DistributedStrategy):
 
     def _unpack(self, call: _Gather, out: dict[Tensor, Tensor], into: Mapping[Tensor, Tensor]) -> None:
         """On the owner of a completed gather, assemble each whole tensor from the ranks' rows:
-        into its place in ``into`` where it has one, else into a tensor of its own."""
+        into its place in ``into`` where it has one, else into a tensor of its own. The factors
+        of a run (:meth:`_run_end`) are assembled in one copy."""
         if call.buffer is None:
             return
-        for k, t in enumerate(call.tensors):
-            out[t] = self._assembled(call, k, into.get(t))
+        k = 0
+        while k < len(call.tensors):
+            end = self._run_end(call, k, into)
+            if end - k == 1:
+                out[call.tensors[k]] = self._assembled(call, k, into.get(call.tensors[k]))
+            else:
+                self._assembled_run(call, k, end, into)
+                out.update((t, into[t]) for t in call.tensors[k:end])
+            k = end
+
+    def _run_end(self, call: _Gather, start: int, into: Mapping[Tensor, Tensor]) -> int:
+        """Where the run of factors from ``start`` ends: tensors of one shape and dtype that split
+        evenly over the ranks, so that each rank's rows of them lie end to end in its piece, and
+        whose places in ``into`` lie end to end too (the factors a group steps together, as
+        :meth:`_wanted` orders them and :meth:`_factor_buffers` places them)."""
+        first = call.tensors[start]
+        place = into.get(first)
+        if place is None or call.alone or first.shape[0] % self.shards:
+            return start + 1
+        end = start + 1
+        while end < len(call.tensors):
+            t = call.tensors[end]
+            if t.shape != first.shape or t.dtype != first.dtype or t not in into:
+                break
+            if into[t].storage_offset() != place.storage_offset() + (end - start) * first.numel():
+                break
+            end += 1
+        return end
+
+    def _assembled_run(self, call: _Gather, start: int, end: int, into: Mapping[Tensor, Tensor]) -> None:
+        """Factors ``start:end`` of a completed gather (a run of :meth:`_run_end`), whole, into
+        their places in ``into``: one copy from every rank's rows of them."""
+        assert call.buffer is not None
+        first = call.tensors[start]
+        count, piece = end - start, call.sizes[start]
+        rows = call.buffer.view(self.shards, -1)[:, call.offsets[start] : call.offsets[start] + count * piece]
+        places = into[first].as_strided((count, self.shards, piece), (first.numel(), piece, 1))
+        places.copy_(rearrange(rows, "rank (member piece) -> member rank piece", member=count))
 
     def _assembled(self, call: _Gather, k: int, into: Tensor | None = None) -> Tensor:
         """Tensor ``k`` of a completed gather, whole, from the ranks' rows in its receive buffer
