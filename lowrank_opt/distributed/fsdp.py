@@ -437,21 +437,26 @@ class FSDP2(DistributedStrategy):
         buffers are alive at once. A base weight of at least :data:`ALONE_BYTES` is gathered on
         its own, straight into its whole copy: no second copy of it."""
 
-        def alone(t: Tensor) -> bool:  # a frozen parameter: a base weight (gradients are not parameters)
-            return isinstance(t, nn.Parameter) and not t.requires_grad and t.nbytes >= ALONE_BYTES
-
-        kinds = (
-            [(owner, t) for owner, t in items if t.requires_grad],  # factors
-            [(owner, t) for owner, t in items if not t.requires_grad and not alone(t)],
-        )
+        factors: list[tuple[int, Tensor]] = []
+        rest: list[tuple[int, Tensor]] = []
+        alone: list[tuple[int, Tensor]] = []
+        for owner, t in items:
+            if t.requires_grad:
+                factors.append((owner, t))
+            elif t.nbytes >= ALONE_BYTES and isinstance(
+                t, nn.Parameter
+            ):  # a base weight (gradients are not parameters)
+                alone.append((owner, t))
+            else:
+                rest.append((owner, t))
         plan: list[Callable[[], _Gather]] = []
-        for kind in kinds:
+        for kind in (factors, rest):
             by_dtype: dict[torch.dtype, list[tuple[int, Tensor]]] = {}
             for owner, t in kind:
                 by_dtype.setdefault(t.dtype, []).append((owner, t))
             plan += [partial(self._exchange, members) for members in by_dtype.values()]
-        plan += [partial(self._gather_alone, owner, t) for owner, t in items if alone(t)]
-        return _Gathering(self, plan, self._factor_buffers([(o, t) for o, t in kinds[0]]))
+        plan += [partial(self._gather_alone, owner, t) for owner, t in alone]
+        return _Gathering(self, plan, self._factor_buffers(factors))
 
     def _factor_buffers(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
         """Where each whole factor of ``items`` this rank owns lands: views of one buffer per dtype, in order."""
@@ -474,9 +479,11 @@ class FSDP2(DistributedStrategy):
         tensors = [t for _, t in ordered]
         sizes = [self._padded(t) for t in tensors]
         send = self._packed(tensors, sizes)
-        send_splits = [sum(size for (owner, _), size in zip(ordered, sizes) if owner == j) for j in range(self.shards)]
+        send_splits = [0] * self.shards
+        for (owner, _), size in zip(ordered, sizes):
+            send_splits[owner] += size
         mine = [t for owner, t in ordered if owner == self.rank]
-        mine_sizes = [self._padded(t) for t in mine]
+        mine_sizes = [size for (owner, _), size in zip(ordered, sizes) if owner == self.rank]
         buffer = torch.empty(self.shards * sum(mine_sizes), dtype=send.dtype, device=send.device)
         work = dist.all_to_all_single(
             buffer,
@@ -502,9 +509,13 @@ class FSDP2(DistributedStrategy):
 
     def _packed(self, tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
         """This rank's shards of ``tensors`` (one dtype) end to end, each padded to its ``sizes`` entry."""
-        send = torch.zeros(sum(sizes), dtype=tensors[0].dtype, device=comm_device(self._shard_group))
         locals_ = [_local(t).detach().reshape(-1) for t in tensors]
-        pieces = [piece[: local.numel()] for local, piece in zip(locals_, send.split(sizes))]
+        padded = any(local.numel() != size for local, size in zip(locals_, sizes))
+        make = torch.zeros if padded else torch.empty  # padding is sent as zeros
+        send = make(sum(sizes), dtype=tensors[0].dtype, device=comm_device(self._shard_group))
+        pieces = send.split(sizes)
+        if padded:
+            pieces = tuple(piece[: local.numel()] for local, piece in zip(locals_, pieces))
         torch._foreach_copy_(pieces, locals_)
         return send
 
