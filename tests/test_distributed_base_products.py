@@ -79,9 +79,9 @@ def _worker(rank: int, world: int) -> dict:
     gathered: list[tuple[int, ...]] = []
     gather = fsdp.FSDP2._start_gather
 
-    def recording(self, items):  # every tensor an owner gathers
+    def recording(self, items, runs=None):  # every tensor an owner gathers
         gathered.extend(tuple(t.shape) for _, t in items)
-        return gather(self, items)
+        return gather(self, items, runs)
 
     fsdp.FSDP2._start_gather = recording  # type: ignore[method-assign]
     timeouts = count_release_timeouts()

@@ -3,8 +3,8 @@
 With ``bucket_bytes`` smaller than what a rank owns, the step gathers, computes and sends back
 one bucket after another (the next one's first exchange in flight): no more than one bucket's
 pairs are whole at once, the clip still sees every pair's norm, and the result is a single
-process's bit for bit. Same-shape factors assembled in one copy per run give what assembling them
-one by one gives.
+process's bit for bit. The factors and the gradients of one side of a group, assembled in one copy
+per run, are what assembling them one by one gives.
 A transactional step, which must be able to put everything back, runs as one bucket. The
 gathered gradients are dropped group by group once lifted, except under the sequential schedule,
 which lifts them again mid-step, and a clip on raw factor gradients, which reads them after. A
@@ -96,24 +96,25 @@ def _repeated() -> tuple[nn.Module, lo.LowRankWrapper]:
     return net, lo.LowRankWrapper(base, net, rule="loft_adamw", distributed=lo.distributed.FSDP2())
 
 
-def _runs(rank: int, world: int) -> tuple[float, list[int]]:
-    """FSDP2 on :class:`Repeated` with the factors assembled one by one, then by runs: the
-    difference, and the length of every run this rank assembled in one copy. (Against a single
+def _runs(rank: int, world: int) -> tuple[float, list[tuple[int, bool]]]:
+    """FSDP2 on :class:`Repeated` with the tensors assembled one by one, then by runs: the
+    difference, and every run this rank assembled in one copy (its length, and whether it was of
+    factors rather than gradients). (Against a single
     process the groups differ, three same-shape pairs in one against two and one, and batched
     kernels need not round alike for different batch sizes.)"""
     one_by_one = fsdp.FSDP2._run_end
-    fsdp.FSDP2._run_end = lambda self, call, start, into: start + 1  # type: ignore[method-assign]
+    fsdp.FSDP2._run_end = lambda self, call, start, into, runs: start + 1  # type: ignore[method-assign]
     try:
         net, opt = _repeated()
         train(net, opt, range(STEPS), rank, world)
     finally:
         fsdp.FSDP2._run_end = one_by_one  # type: ignore[method-assign]
     reference = full_params(net)
-    runs: list[int] = []
+    runs: list[tuple[int, bool]] = []
     in_one_copy = fsdp.FSDP2._assembled_run
 
     def counted(self, call, start, end, into):  # type: ignore[no-untyped-def]
-        runs.append(end - start)
+        runs.append((end - start, call.tensors[start] in into))
         return in_one_copy(self, call, start, end, into)
 
     fsdp.FSDP2._assembled_run = counted  # type: ignore[method-assign]
@@ -284,12 +285,15 @@ def test_fsdp2_steps_bucket_by_bucket_and_equals_a_single_process(results):
             assert all(held == whole["owned"] for _, held in whole["seen"])
 
 
-def test_factors_of_one_shape_are_assembled_in_one_copy_as_they_would_be_one_by_one(results):
+def test_a_groups_factors_and_gradients_are_assembled_in_one_copy_as_one_by_one(results):
     for result in results:
         diff, _ = result["runs"]
         assert diff == 0, diff
-    # The owner of two of the three (8, 8) pairs of rank 2 assembles each side's pair of factors at once.
-    assert any(length >= 2 for result in results for length in result["runs"][1]), [r["runs"] for r in results]
+    # The owner of two of the three (8, 8) pairs of rank 2 assembles each side's two factors, and
+    # their two gradients, at once.
+    runs = [run for result in results for run in result["runs"][1]]
+    assert any(length >= 2 and factors for length, factors in runs), runs
+    assert any(length >= 2 and not factors for length, factors in runs), runs
 
 
 def test_a_rule_that_reads_the_base_weight_gets_it_whole_and_equals_a_single_process(results):

@@ -7,10 +7,11 @@ as :class:`~lowrank_opt.distributed.PairSharded` balances them (:func:`assign_pa
 1. the owned stepping pairs are cut into buckets of at most ``bucket_bytes`` of whole tensors per
    rank (:meth:`FSDP2.buckets`); for each bucket in turn, one ``all_to_all`` brings every owner
    the shards of its pairs' factors (into one buffer, laid out so that the engine reads a group's
-   frozen factors as a stack in place, and assembled there one copy per run of same-shape
-   factors: :meth:`FSDP2._unpack`) and a second one their gradients (and, for a rule that
-   reads it whole, the base weight ``W0``), the next bucket's first exchange in flight while the
-   current one is computed (:meth:`FSDP2.bucketed`);
+   frozen factors as a stack in place) and a second one their gradients (a group's apart from
+   the others', so that the step frees them group by group; and, for a rule that reads it
+   whole, the base weight ``W0``), the next bucket's first exchange in flight while the current
+   one is computed (:meth:`FSDP2.bucketed`). The factors, and the gradients, of one side of a
+   group are assembled from the ranks' rows in one copy (:meth:`FSDP2._unpack`);
 2. the owner steps its pairs exactly as a single process would, on whole plain tensors, freeing
    each group's gathered gradients once lifted; its statistics are plain, whole tensors that
    live on it alone, as in the pair-sharded mode;
@@ -170,7 +171,7 @@ class FSDP2(DistributedStrategy):
                     whole[factor] = factor.detach().full_tensor()  # type: ignore[attr-defined]
         else:
             stepping = [i for i, pair in enumerate(pairs) if pair.a.grad is not None]
-            whole = self._start_gather(self._wanted(pairs, stepping, with_bases)).wait()
+            whole = self._start_gather(*self._wanted(pairs, stepping, with_bases)).wait()
         with self._working_set(pairs, state, whole, None) as work:
             yield work
 
@@ -194,13 +195,13 @@ class FSDP2(DistributedStrategy):
     ) -> Generator[Materialised, None, None]:
         """One bucket after another, whole on their owners; the next bucket's first exchange is in
         flight while the consumer computes on the current one."""
-        pending = self._start_gather(self._wanted(pairs, buckets[0], with_bases)) if buckets else None
+        pending = self._start_gather(*self._wanted(pairs, buckets[0], with_bases)) if buckets else None
         try:
             for k, bucket in enumerate(buckets):
                 assert pending is not None
                 whole, pending = pending.wait(), None
                 if k + 1 < len(buckets):
-                    pending = self._start_gather(self._wanted(pairs, buckets[k + 1], with_bases))
+                    pending = self._start_gather(*self._wanted(pairs, buckets[k + 1], with_bases))
                 with self._working_set(pairs, state, whole, bucket) as work:
                     yield work
                 del whole
@@ -208,20 +209,27 @@ class FSDP2(DistributedStrategy):
             if pending is not None:  # closed early (a verdict every rank shares): drain the exchanges
                 pending.wait()
 
-    def _wanted(self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool) -> list[tuple[int, Tensor]]:
-        """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole: the factors first,
-        by side, then shape, then index, so that the factors the step groups together land side by
-        side (:meth:`_start_gather`) and are assembled in one copy (:meth:`_unpack`); then
-        gradients and bases."""
-        factors = sorted((side, pairs[i].full_shape, pairs[i].rank, i) for i in indices for side in SIDES)
-        items = [(self.owners[i], getattr(pairs[i], side)) for side, _, _, i in factors]
-        items = [(owner, t) for owner, t in items if isinstance(t, DTensor)]
-        return items + [
-            (self.owners[i], t)
-            for i in indices
-            for t in self._pair_tensors(pairs[i], with_bases)
-            if t is not pairs[i].a and t is not pairs[i].b
-        ]
+    def _wanted(
+        self, pairs: Sequence[LoRAPair], indices: Sequence[int], with_bases: bool
+    ) -> tuple[list[tuple[int, Tensor]], dict[Tensor, tuple[Any, ...]]]:
+        """``(owner, DTensor)`` of every tensor the pairs ``indices`` need whole, and the run of
+        each factor and gradient: the factors, then their gradients, each by side, then shape,
+        then index, so that the tensors a group steps together lie side by side
+        (:meth:`_start_gather`) and are assembled in one copy per run (:meth:`_unpack`); then the
+        bases. A run is one side of the pairs of one shape and rank."""
+        order = sorted((side, pairs[i].full_shape, pairs[i].rank, i) for i in indices for side in SIDES)
+        items: list[tuple[int, Tensor | None]] = []
+        runs: dict[Tensor, tuple[Any, ...]] = {}
+        for attribute in ("data", "grad"):
+            for side, shape, rank, i in order:
+                factor = getattr(pairs[i], side)
+                t = factor if attribute == "data" else factor.grad
+                items.append((self.owners[i], t))
+                if t is not None:
+                    runs[t] = (attribute, side, shape, rank)
+        if with_bases:
+            items += [(self.owners[i], pairs[i].base_weight) for i in indices]
+        return [(owner, t) for owner, t in items if isinstance(t, DTensor)], runs
 
     @contextmanager
     def _working_set(
@@ -424,7 +432,9 @@ class FSDP2(DistributedStrategy):
         rows = t.shape[0]
         return -(-rows // self.shards) * (t.numel() // max(rows, 1))
 
-    def _start_gather(self, items: Sequence[tuple[int, Tensor]]) -> _Gathering:
+    def _start_gather(
+        self, items: Sequence[tuple[int, Tensor]], runs: Mapping[Tensor, tuple[Any, ...]] | None = None
+    ) -> _Gathering:
         """Plan the exchanges that bring whole copies of DTensors ``(owner, dtensor)`` to their
         owners and issue the first (:class:`_Gathering` issues the rest one at a time).
 
@@ -432,10 +442,11 @@ class FSDP2(DistributedStrategy):
         sends each owner its rows of that owner's tensors. The factors travel first, into one
         buffer per dtype on their owner, in the order of ``items``, so that a group's factors lie
         evenly spaced in one storage and the engine reads them as a stack without copying them
-        (:func:`~lowrank_opt.engine.stacked`); the gradients (and small bases) follow, each into
-        a tensor of its own, so that the step can free them group by group. Only one exchange's
-        buffers are alive at once. A base weight of at least :data:`ALONE_BYTES` is gathered on
-        its own, straight into its whole copy: no second copy of it."""
+        (:func:`~lowrank_opt.engine.stacked`); the gradients (and small bases) follow, each run's
+        (``runs``, :meth:`_wanted`) into a tensor of its own, so that the step can free them
+        group by group. Only one exchange's buffers are alive at once. A base weight of at least
+        :data:`ALONE_BYTES` is gathered on its own, straight into its whole copy: no second copy
+        of it."""
 
         factors: list[tuple[int, Tensor]] = []
         rest: list[tuple[int, Tensor]] = []
@@ -456,7 +467,7 @@ class FSDP2(DistributedStrategy):
                 by_dtype.setdefault(t.dtype, []).append((owner, t))
             plan += [partial(self._exchange, members) for members in by_dtype.values()]
         plan += [partial(self._gather_alone, owner, t) for owner, t in alone]
-        return _Gathering(self, plan, self._factor_buffers(factors))
+        return _Gathering(self, plan, self._factor_buffers(factors), dict(runs or {}))
 
     def _factor_buffers(self, items: Sequence[tuple[int, Tensor]]) -> dict[Tensor, Tensor]:
         """Where each whole factor of ``items`` this rank owns lands: views of one buffer per dtype, in order."""
@@ -535,50 +546,60 @@ class FSDP2(DistributedStrategy):
             where.update((t, (call, k)) for k, t in enumerate(group))
         return _AllGathered(self, where)
 
-    def _unpack(self, call: _Gather, out: dict[Tensor, Tensor], into: Mapping[Tensor, Tensor]) -> None:
+    def _unpack(
+        self, call: _Gather, out: dict[Tensor, Tensor], into: Mapping[Tensor, Tensor], runs: Mapping[Tensor, Any]
+    ) -> None:
         """On the owner of a completed gather, assemble each whole tensor from the ranks' rows:
-        into its place in ``into`` where it has one, else into a tensor of its own. The factors
-        of a run (:meth:`_run_end`) are assembled in one copy."""
+        into its place in ``into`` where it has one, else into a tensor of its own (one for the
+        tensors of a run). The tensors of a run (:meth:`_run_end`) are assembled in one copy."""
         if call.buffer is None:
             return
         k = 0
         while k < len(call.tensors):
-            end = self._run_end(call, k, into)
+            end = self._run_end(call, k, into, runs)
             if end - k == 1:
                 out[call.tensors[k]] = self._assembled(call, k, into.get(call.tensors[k]))
             else:
-                self._assembled_run(call, k, end, into)
-                out.update((t, into[t]) for t in call.tensors[k:end])
+                out.update(zip(call.tensors[k:end], self._assembled_run(call, k, end, into)))
             k = end
 
-    def _run_end(self, call: _Gather, start: int, into: Mapping[Tensor, Tensor]) -> int:
-        """Where the run of factors from ``start`` ends: tensors of one shape and dtype that split
-        evenly over the ranks, so that each rank's rows of them lie end to end in its piece, and
-        whose places in ``into`` lie end to end too (the factors a group steps together, as
-        :meth:`_wanted` orders them and :meth:`_factor_buffers` places them)."""
+    def _run_end(self, call: _Gather, start: int, into: Mapping[Tensor, Tensor], runs: Mapping[Tensor, Any]) -> int:
+        """Where the run of tensors from ``start`` ends: tensors of one run of :meth:`_wanted`
+        (so of one shape and dtype) that split evenly over the ranks, so that each rank's rows of
+        them lie end to end in its piece, and whose places in ``into``, if they have them, lie end
+        to end too (:meth:`_factor_buffers` places the factors in the order of :meth:`_wanted`)."""
         first = call.tensors[start]
-        place = into.get(first)
-        if place is None or call.alone or first.shape[0] % self.shards:
+        run = runs.get(first)
+        if run is None or call.alone or first.shape[0] % self.shards:
             return start + 1
+        place = into.get(first)
         end = start + 1
         while end < len(call.tensors):
             t = call.tensors[end]
-            if t.shape != first.shape or t.dtype != first.dtype or t not in into:
+            if runs.get(t) != run or t.dtype != first.dtype or (t in into) != (place is not None):
                 break
-            if into[t].storage_offset() != place.storage_offset() + (end - start) * first.numel():
+            if place is not None and into[t].storage_offset() != place.storage_offset() + (end - start) * first.numel():
                 break
             end += 1
         return end
 
-    def _assembled_run(self, call: _Gather, start: int, end: int, into: Mapping[Tensor, Tensor]) -> None:
-        """Factors ``start:end`` of a completed gather (a run of :meth:`_run_end`), whole, into
-        their places in ``into``: one copy from every rank's rows of them."""
+    def _assembled_run(self, call: _Gather, start: int, end: int, into: Mapping[Tensor, Tensor]) -> Sequence[Tensor]:
+        """Tensors ``start:end`` of a completed gather (a run of :meth:`_run_end`), whole, in one
+        copy from every rank's rows of them: into their places in ``into``, or as views of one
+        new tensor, which lives until the last of them is dropped (a group's gradients, which
+        the step frees together; pairs of one shape in two groups, of other param groups or at
+        other steps, free theirs with the later group)."""
         assert call.buffer is not None
         first = call.tensors[start]
         count, piece = end - start, call.sizes[start]
         rows = call.buffer.view(self.shards, -1)[:, call.offsets[start] : call.offsets[start] + count * piece]
-        places = into[first].as_strided((count, self.shards, piece), (first.numel(), piece, 1))
-        places.copy_(rearrange(rows, "rank (member piece) -> member rank piece", member=count))
+        source = rearrange(rows, "rank (member piece) -> member rank piece", member=count)
+        if first in into:
+            into[first].as_strided((count, self.shards, piece), (first.numel(), piece, 1)).copy_(source)
+            return [into[t] for t in call.tensors[start:end]]
+        whole = torch.empty((count, self.shards, piece), dtype=first.dtype, device=first.device)
+        whole.copy_(source)
+        return whole.view(count, *first.shape).unbind(0)
 
     def _assembled(self, call: _Gather, k: int, into: Tensor | None = None) -> Tensor:
         """Tensor ``k`` of a completed gather, whole, from the ranks' rows in its receive buffer
@@ -728,6 +749,7 @@ class _Gathering:
     strategy: FSDP2
     planned: list[Callable[[], _Gather]]  # each issues one collective, in order
     into: dict[Tensor, Tensor]  # where the whole factors this rank owns land
+    runs: dict[Tensor, tuple[Any, ...]]  # the run of each factor and gradient (FSDP2._wanted)
     current: _Gather | None = None
 
     def __post_init__(self) -> None:
@@ -742,12 +764,12 @@ class _Gathering:
         while self.current is not None:
             call, self.current = self.current, None
             call.finish()  # the send buffer goes before anything is unpacked
-            self.strategy._unpack(call, out, self.into)
+            self.strategy._unpack(call, out, self.into, self.runs)
             if not call.alone:  # a tensor gathered alone is its buffer
                 _await_release([call.release()])  # which goes before the next collective's buffers exist
             del call
             self._next()
-        self.into = {}
+        self.into, self.runs = {}, {}
         return out
 
 
