@@ -318,14 +318,15 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
     subclasses (a strategy's shards) are checked one by one."""
     if not grads:
         return torch.ones(0, dtype=torch.bool)
-    plain = [i for i, g in enumerate(grads) if type(g) is Tensor or isinstance(g, torch.nn.Parameter)]
+    is_plain = [type(g) is Tensor or isinstance(g, torch.nn.Parameter) for g in grads]
+    plain = [i for i, yes in enumerate(is_plain) if yes]
     device = grads[0].device
     flags = torch.ones(len(grads), dtype=torch.bool, device=device)
     if plain:
         norms = torch._foreach_norm([grads[i] for i in plain])
         flags[plain] = torch.isfinite(torch.stack([n.to(device) for n in norms]))
-    for i, g in enumerate(grads):
-        if i not in plain:
+    for i, (g, yes) in enumerate(zip(grads, is_plain)):
+        if not yes:
             flags[i] = torch.isfinite(g).all().to(device)
     return flags
 
