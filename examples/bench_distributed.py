@@ -63,12 +63,13 @@ RULES: dict[str, tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer]]] = 
 
 
 class Layers(nn.Module):
-    """24 independent LoRA layers, each on its own input: the step sees 24 pairs of 6 shapes."""
+    """Independent LoRA layers of ``shapes`` (in, out), each on its own input: by default the step
+    sees 24 pairs of 6 shapes."""
 
-    def __init__(self) -> None:
+    def __init__(self, shapes: list[tuple[int, int]] = SHAPES) -> None:  # noqa: B006 (never mutated)
         super().__init__()
         torch.manual_seed(0)
-        self.layers = nn.ModuleList(lo.LoRALinear(nn.Linear(i, o, bias=False), RANK, alpha=16) for i, o in SHAPES)
+        self.layers = nn.ModuleList(lo.LoRALinear(nn.Linear(i, o, bias=False), RANK, alpha=16) for i, o in shapes)
 
     def forward(self, xs: list[Tensor]) -> Tensor:
         return sum(layer(x).square().mean() for layer, x in zip(self.layers, xs))  # type: ignore[return-value]
@@ -115,8 +116,10 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _build(mode: str, rule: str) -> tuple[nn.Module, lo.LowRankWrapper]:
-    layers = Layers()
+def build(mode: str, rule: str, shapes: list[tuple[int, int]] = SHAPES) -> tuple[nn.Module, lo.LowRankWrapper]:  # noqa: B006
+    """The layers of ``shapes`` in ``mode`` (one of :data:`MODES`) with the optimizer of ``rule``
+    (a key of :data:`RULES`); every rank must call it, in the same order."""
+    layers = Layers(shapes)
     net: nn.Module = layers
     strategy: lo.distributed.DistributedStrategy | None = None
     if mode.startswith("fsdp2"):
@@ -170,7 +173,7 @@ def _measure(rule: str, rank: int, steps: int) -> dict[str, dict[str, Any]]:
     """Every mode of ``rule``: memory and communication of one untimed step each, then ``steps``
     timed rounds in which every mode steps once in turn (a slow moment of the machine falls on
     all modes alike), the median per mode."""
-    built = {mode: _build(mode, rule) for mode in MODES}
+    built = {mode: build(mode, rule) for mode in MODES}
     gen = torch.Generator().manual_seed(rank)
     xs = [torch.randn(4, i, generator=gen) for i, _ in SHAPES]
 
@@ -207,7 +210,7 @@ def _measure(rule: str, rank: int, steps: int) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -218,7 +221,7 @@ def main(worlds: list[int] = [2, 4], steps: int = 15) -> None:  # noqa: B006 (js
     by_world: dict[int, list[dict[tuple[str, str], dict[str, Any]]]] = {}
     for world in worlds:
         with tempfile.TemporaryDirectory() as out:
-            mp.spawn(_worker, args=(world, _free_port(), out, steps), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), out, steps), nprocs=world, join=True)
             by_world[world] = [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
     mib = 2**20
     print(f"{len(SHAPES)} pairs (256..1024, r = {RANK}); max over ranks, MiB unless stated")
