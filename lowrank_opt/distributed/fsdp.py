@@ -218,17 +218,13 @@ class FSDP2(DistributedStrategy):
         (:meth:`_start_gather`) and are assembled in one copy per run (:meth:`_unpack`); then the
         bases. A run is one side of the pairs of one shape and rank."""
         order = sorted((side, pairs[i].full_shape, pairs[i].rank, i) for i in indices for side in SIDES)
-        items: list[tuple[int, Tensor | None]] = []
-        runs: dict[Tensor, tuple[Any, ...]] = {}
-        for attribute in ("data", "grad"):
-            for side, shape, rank, i in order:
-                factor = getattr(pairs[i], side)
-                t = factor if attribute == "data" else factor.grad
-                items.append((self.owners[i], t))
-                if t is not None:
-                    runs[t] = (attribute, side, shape, rank)
+        factors = [(self.owners[i], getattr(pairs[i], side), (side, shape, rank)) for side, shape, rank, i in order]
+        items: list[tuple[int, Tensor | None]] = [(owner, f) for owner, f, _ in factors]
+        items += [(owner, f.grad) for owner, f, _ in factors]
         if with_bases:
             items += [(self.owners[i], pairs[i].base_weight) for i in indices]
+        runs: dict[Tensor, tuple[Any, ...]] = {f: ("factor", *run) for _, f, run in factors}
+        runs.update((f.grad, ("gradient", *run)) for _, f, run in factors if f.grad is not None)
         return [(owner, t) for owner, t in items if isinstance(t, DTensor)], runs
 
     @contextmanager
