@@ -33,7 +33,7 @@ from torch import Tensor
 from .linalg import compute_dtype, gram
 from .pairs import LoRAPair, label
 from .rule import CalibrationRule, Context, Switches
-from .views import SIDES, Side, view_of
+from .views import SIDES, Side, canonical, view_of
 
 __all__ = [
     "STATE_VERSION",
@@ -87,8 +87,7 @@ def factor_matrix(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:
 
 def coefficients_of(pair: LoRAPair, side: Side, t: Tensor) -> Tensor:
     """A tensor shaped like factor ``side`` seen as its coefficients ``C`` (r, l): ``a``, or ``b^T``."""
-    matrix = factor_matrix(pair, side, t)
-    return matrix if side == "a" else matrix.transpose(-2, -1)
+    return canonical(side, factor_matrix(pair, side, t))
 
 
 def basis_gram(coeff: Tensor) -> Tensor:

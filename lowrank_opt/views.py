@@ -26,7 +26,7 @@ from torch import Tensor
 from .linalg import compute_dtype, damped_inverse, gram, transient_elements
 from .pairs import LoRAPair
 
-__all__ = ["Side", "SIDES", "FactorView", "build_view", "view_of", "other_side", "tangent_sq_norm"]
+__all__ = ["Side", "SIDES", "FactorView", "build_view", "canonical", "view_of", "other_side", "tangent_sq_norm"]
 
 Side = Literal["a", "b"]
 SIDES: tuple[Side, Side] = ("a", "b")
@@ -34,6 +34,12 @@ SIDES: tuple[Side, Side] = ("a", "b")
 
 def other_side(side: Side) -> Side:
     return "b" if side == "a" else "a"
+
+
+def canonical(side: Side, t: Tensor) -> Tensor:
+    """A tensor in factor ``side``'s matrix orientation (``a`` (r, n), ``b`` (m, r)) seen in the
+    canonical one, ``(..., r, l)`` for coefficients (and back: an involution)."""
+    return t if side == "a" else t.transpose(-2, -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,7 +74,7 @@ class FactorView:
 
     def canonical(self, t: Tensor) -> Tensor:
         """A ``(G, ...)`` tensor in the factor's orientation seen as ``(G, r, l)`` (and back: an involution)."""
-        return t if self.side == "a" else t.transpose(-2, -1)
+        return canonical(self.side, t)
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``Gamma^-1 rhs`` (damped)."""
@@ -105,7 +111,7 @@ class FactorView:
     def base_matrices(self) -> list[Tensor | None]:
         """``W0`` of every member in canonical orientation ``(k, l)`` (read live), ``None`` where absent."""
         bases = [pair.base_matrix() for pair in self.pairs]
-        return [None if w is None else (w if self.side == "a" else w.T) for w in bases]
+        return [None if w is None else canonical(self.side, w) for w in bases]
 
 
 def build_view(side: Side, pairs: Sequence[LoRAPair], a: Tensor, b: Tensor, scale: Tensor) -> FactorView:
