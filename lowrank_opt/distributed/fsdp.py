@@ -115,7 +115,6 @@ class FSDP2(DistributedStrategy):
         self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
         self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
         self._work_state: dict[Tensor, dict[str, Any]] = {}
-        self._work_pairs: dict[LoRAPair, tuple[Tensor | None, LoRAPair]] = {}  # pair -> (base, its working pair)
         self._pending: list[Any] = []  # collectives in flight until settle()
 
     def __repr__(self) -> str:
@@ -246,7 +245,7 @@ class FSDP2(DistributedStrategy):
                     shadows[factor] = shadow
                 a, b = shadows[pair.a], shadows[pair.b]
             base = whole.get(pair.base_weight, pair.base_weight) if pair.base_weight is not None else None
-            work_pairs.append(self._work_pair(pair, base) if a is not pair.a else pair)
+            work_pairs.append(replace(pair, a=a, b=b, base_weight=base) if a is not pair.a else pair)
         whole.clear()
         # Working and original factors share one state entry: the statistics are the owner's plain
         # tensors. The dict and the working factors are the same objects at every step, so the
@@ -270,15 +269,6 @@ class FSDP2(DistributedStrategy):
                 shadow.data = shadow.data.new_empty(0)
             work_state.clear()
             self._shadows = {}
-
-    def _work_pair(self, pair: LoRAPair, base: Tensor | None) -> LoRAPair:
-        """``pair`` with its working factors and ``base``: the same object at every step while
-        ``base`` is, so that it is built (and checked) once."""
-        kept = self._work_pairs.get(pair)
-        if kept is None or kept[0] is not base:
-            a, b = self._shadow_of(pair.a), self._shadow_of(pair.b)
-            kept = self._work_pairs[pair] = (base, replace(pair, a=a, b=b, base_weight=base))
-        return kept[1]
 
     def release_gradients(self, factors: Sequence[Tensor]) -> None:
         """Drop the gathered whole gradients of these working factors: ``step()`` reads ``g_hat``
