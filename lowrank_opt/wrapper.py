@@ -393,13 +393,10 @@ class LowRankWrapper(Optimizer):
             local = torch.zeros((), dtype=torch.float64, device=self.pairs[0].a.device)
             with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
                 for work in pieces:
-                    groups = self._groups(work, self._done(work, done_before))
-                    self.distributed.settle()
-                    bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
+                    groups, bad = self._checked(work, self._done(work, done_before), unchecked, release)
                     unchecked = unchecked[:0]
                     if bad:
                         return self._refuse(bad, loss)
-                    lift_gradients(groups, self.config, release)
                     local += self._local_sq_norm(groups)
             coef = clip_coefficient(self._total_norm(local, others), self.max_grad_norm)
             scale_(others, coef)
@@ -410,16 +407,11 @@ class LowRankWrapper(Optimizer):
         with closing(self.distributed.bucketed(self.pairs, self.state, with_bases, buckets)) as pieces:
             for k, work in enumerate(pieces):
                 done = self._done(work, done_before)
-                groups = self._groups(work, done)
-                if self.distributed.replicated:  # every rank holds every factor: sketches are cheap
-                    ensure_sketches(work.pairs, work.state)
-                store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
-                self.distributed.settle()  # the finiteness verdict and base products, agreed meanwhile
-                bad = check_inputs(groups, unchecked, store, self.config)
+                groups, bad = self._checked(work, done, unchecked, release)
                 unchecked = unchecked[:0]
                 if bad:
                     return self._refuse(bad, loss)
-                lift_gradients(groups, self.config, release)
+                store = self._store_for(work.state)  # rows of the stored statistics, reused across steps
                 if due:
                     attach_base_products(groups, due, products)
                 snapshot = (
@@ -446,6 +438,25 @@ class LowRankWrapper(Optimizer):
                 if last:
                     store.end_step()
         return loss
+
+    def _checked(
+        self,
+        work: Materialised,
+        done: dict[int, int],
+        unchecked: Tensor,
+        release: Callable[[list[Tensor]], None] | None,
+    ) -> tuple[list[Group], list[int]]:
+        """The groups of the pairs of ``done`` in ``work``, checked with the finiteness verdict
+        ``unchecked`` (:func:`check_inputs`: one host sync), then, if every gradient is finite,
+        lifted; with the indices of the non-finite gradients (none: the step may go on)."""
+        groups = self._groups(work, done)
+        if self.distributed.replicated:  # every rank holds every factor: sketches are cheap
+            ensure_sketches(work.pairs, work.state)
+        self.distributed.settle()  # the finiteness verdict and base products, agreed meanwhile
+        bad = check_inputs(groups, unchecked, self._store_for(work.state), self.config)
+        if not bad:
+            lift_gradients(groups, self.config, release)
+        return groups, bad
 
     def _refuse(self, bad: list[int], loss: float | None) -> float | None:
         """A step with non-finite gradients (indices ``bad``): raise, or count it skipped."""
