@@ -133,17 +133,21 @@ class LoRAPair:
         if self.base_weight is None:
             return None
         rows, partner = self.base_row_factors(self.a.detach(), self.b.detach())
-        sq_norm, projected = project_rows(
-            self.base_weight, rows, block_elements, self.name or "base_weight", self.base_layer
-        )
-        return base_products_from(sq_norm, projected, partner)
+        return base_products_from(*self.project_base(self.base_weight, rows, block_elements), partner)
 
     def base_row_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``: ``R`` runs
-        along the stored rows of ``W0`` (``b`` or ``a^T``), in float64; ``P`` is the other one, in
-        its own dtype (its products with the float64 ``R^T W0`` are float64 all the same)."""
+        """``(R, P)`` of :meth:`base_products` from factors shaped like ``a`` and ``b``, as views of
+        them: ``R`` runs along the stored rows of ``W0`` (``b`` or ``a^T``), ``P`` is the other one."""
         a, b = self.matrix_a(a), self.matrix_b(b)
-        return (a.T.double(), b.T) if self.base_transposed else (b.double(), a)
+        return (a.T, b.T) if self.base_transposed else (b, a)
+
+    def project_base(
+        self, weight: Tensor, rows: Tensor, block_elements: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(||W||^2, R^T W)`` of ``W0``, or of a block of its stored rows, ``weight``, against the
+        same rows of ``R`` (:meth:`base_row_factors`), in float64; ``P`` keeps its own dtype, since
+        its products with the float64 ``R^T W`` are float64 all the same."""
+        return project_rows(weight, rows.double(), block_elements, self.name or "base_weight", self.base_layer)
 
 
 def _describe(x: object) -> str:

@@ -58,7 +58,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..engine import finite_flags
 from ..layout import BASIS_GRAM_KEY, STEP_KEY
 from ..pairs import LoRAPair, base_products_from
-from ..quantized import project_rows
 from ..rule import CalibrationRule
 from ..views import SIDES, Side
 from .sharded import assign_pairs, pair_costs
@@ -345,7 +344,7 @@ class FSDP2(DistributedStrategy):
             pair = pairs[i]
             if isinstance(pair.base_weight, DTensor) and not pair.base_transposed:
                 rows = pair.base_row_factors(_local(pair.a).detach(), _local(pair.b).detach())[0]
-                projected[i] = self._projected(pair, pair.base_weight.to_local(), rows)
+                projected[i] = pair.project_base(pair.base_weight.to_local(), rows)
         for i, part in zip(indices, out):
             pair = pairs[i]
             base = pair.base_weight
@@ -359,12 +358,8 @@ class FSDP2(DistributedStrategy):
             rows, partner = pair.base_row_factors(whole[pair.a], whole[pair.b])
             if isinstance(base, DTensor):  # rows of W0^T are columns of A: this rank's share of them
                 rows, base = self._rows_of(rows, self.rank), base.to_local()
-            part.copy_(base_products_from(*self._projected(pair, base, rows), partner))
+            part.copy_(base_products_from(*pair.project_base(base, rows), partner))
         whole.release()
-
-    @staticmethod
-    def _projected(pair: LoRAPair, base: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        return project_rows(base, rows, label=pair.name or "base_weight", layer=pair.base_layer)
 
     def finite_flags(self, grads: Sequence[Tensor]) -> Tensor:
         """Checked on this rank's pieces (whole gradients of owned pairs, local shards of the
