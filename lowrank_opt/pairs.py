@@ -141,9 +141,7 @@ class LoRAPair:
         a, b = self.matrix_a(a), self.matrix_b(b)
         return (a.T, b.T) if self.base_transposed else (b, a)
 
-    def project_base(
-        self, weight: Tensor, rows: Tensor, block_elements: int | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def project_base(self, weight: Tensor, rows: Tensor, block_elements: int | None = None) -> tuple[Tensor, Tensor]:
         """``(||W||^2, R^T W)`` of ``W0``, or of a block of its stored rows, ``weight``, against the
         same rows of ``R`` (:meth:`base_row_factors`), in float64; ``P`` keeps its own dtype, since
         its products with the float64 ``R^T W`` are float64 all the same."""
