@@ -111,7 +111,7 @@ class FSDP2(DistributedStrategy):
         self.rank = 0
         self.shards = 1
         self._shard_group: dist.ProcessGroup | None = None
-        self._shadows: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> whole copy, during a step
+        self._originals: dict[Tensor, Tensor] = {}  # working factor -> its DTensor, during a step
         self._working: dict[Tensor, nn.Parameter] = {}  # DTensor factor -> its working factor, kept
         self._work_state: dict[Tensor, dict[str, Any]] = {}
         self._pending: list[Any] = []  # collectives in flight until settle()
@@ -254,10 +254,9 @@ class FSDP2(DistributedStrategy):
         for pair in pairs:
             for factor in (pair.a, pair.b):
                 work_state[shadows.get(factor, factor)] = state[factor]
-        self._shadows = shadows
+        self._originals = {shadow: factor for factor, shadow in shadows.items()}
         try:
-            originals: dict[Tensor, Tensor] = {shadow: factor for factor, shadow in shadows.items()}
-            yield Materialised(work_pairs, work_state, originals, None if indices is None else list(indices))
+            yield Materialised(work_pairs, work_state, self._originals, None if indices is None else list(indices))
             with torch.no_grad():  # this rank's rows of its own pairs' gradients (clip_grad_norm_ scales them)
                 for factor, shadow in shadows.items():
                     if shadow.grad is not None and isinstance(factor.grad, DTensor):
@@ -267,14 +266,13 @@ class FSDP2(DistributedStrategy):
                 shadow.grad = None
                 shadow.data = shadow.data.new_empty(0)
             work_state.clear()
-            self._shadows = {}
+            self._originals = {}
 
     def release_gradients(self, factors: Sequence[Tensor]) -> None:
         """Drop the gathered whole gradients of these working factors: ``step()`` reads ``g_hat``
         from here on and changes no gradient, so nothing is written back to the shards."""
-        shadows = {id(shadow) for shadow in self._shadows.values()}
         for factor in factors:
-            if id(factor) in shadows:
+            if factor in self._originals:
                 factor.grad = None
 
     def _shadow_of(self, factor: Tensor) -> nn.Parameter:
@@ -286,12 +284,11 @@ class FSDP2(DistributedStrategy):
 
     def record_moved(self, pairs: Sequence[LoRAPair], moved: Sequence[tuple[int, Side]], state: State) -> None:
         """Send each moved factor's rows back from its owner, with its new basis Gram (:meth:`_send_back`)."""
-        originals = {shadow: factor for factor, shadow in self._shadows.items()}
         sends: list[tuple[int, Tensor, Tensor | None]] = []  # (owner, original DTensor, whole on the owner)
         for i, side in moved:
             work = getattr(pairs[i], side)
             if self.owns(i):
-                sends.append((self.owners[i], originals[work], work.detach()))
+                sends.append((self.owners[i], self._originals[work], work.detach()))
             else:
                 sends.append((self.owners[i], work, None))
         grams = [state[getattr(pairs[i], side)] for i, side in moved]
@@ -435,9 +432,7 @@ class FSDP2(DistributedStrategy):
         for owner, t in items:
             if t.requires_grad:
                 factors.append((owner, t))
-            elif t.nbytes >= ALONE_BYTES and isinstance(
-                t, nn.Parameter
-            ):  # a base weight (gradients are not parameters)
+            elif t.nbytes >= ALONE_BYTES and isinstance(t, nn.Parameter):  # a base weight, not a gradient
                 alone.append((owner, t))
             else:
                 rest.append((owner, t))
